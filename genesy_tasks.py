@@ -1,0 +1,1290 @@
+"""genesy-tasks: the Genesy Tasks contract as one embeddable module.
+
+Genesy, a sales-engagement platform, creates and completes tasks in a CRM by
+calling five HTTP endpoints (plus ``GET /health``) on the CRM's own server.
+This module is that server: a :class:`TaskStore` on SQLite (WAL mode), a Bottle
+application built by :func:`make_app`, a small HTTP/1.1 server that keeps
+connections alive and never lets a slow client hold up the others, and the
+command line, :func:`main`.
+
+    python genesy_tasks.py                  # serve ./tasks.db on 127.0.0.1:8080
+    crm.mount("/genesy/", make_app("crm.db"))   # or inside an existing Bottle app
+
+Runtime dependencies: Bottle and the standard library.
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from datetime import date
+from urllib.parse import unquote_to_bytes
+
+import bottle
+
+DEFAULT_HEADER = "X-API-Key"
+DEFAULT_DB = "tasks.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BATCH = 10_000
+# A maximal batch of 10,000 ids of up to 200 characters each, with room for
+# JSON escapes and whitespace.
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+SCHEMA_VERSION = 1
+
+
+###############################################################################
+# Tasks: fields, validation, ids and timestamps ###############################
+###############################################################################
+
+#: The fields of a task in Genesy's JSON shape, in the order they are returned.
+TASK_FIELDS = (
+    "id", "subject", "description", "type", "ownerId", "dueDate", "contactId",
+    "companyId", "completed", "completedAt", "createdAt", "updatedAt",
+)
+#: The fields a client may set, with their column names.
+WRITABLE_FIELDS = {
+    "subject": "subject",
+    "description": "description",
+    "type": "type",
+    "ownerId": "owner_id",
+    "dueDate": "due_date",
+    "contactId": "contact_id",
+    "companyId": "company_id",
+}
+_OPTIONAL_FIELDS = tuple(name for name in WRITABLE_FIELDS if name != "subject")
+
+
+class TaskValidationError(ValueError):
+    """A task's fields or a batch's ids break the contract; the message names the field."""
+
+
+# ISO 8601 calendar dates and date-times, extended (2024-01-15T10:00:00Z) or
+# basic (20240115T100000Z) format, with optional fraction and offset. ASCII
+# digits only: \d would also accept other scripts' digits.
+_ISO_EXTENDED = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[Tt]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,][0-9]+)?)?"
+    r"([Zz]|[+-]([0-9]{2})(?::?([0-9]{2}))?)?)?"
+)
+_ISO_BASIC = re.compile(
+    r"([0-9]{4})([0-9]{2})([0-9]{2})"
+    r"(?:[Tt]([0-9]{2})([0-9]{2})(?:([0-9]{2})(?:[.,][0-9]+)?)?"
+    r"([Zz]|[+-]([0-9]{2})([0-9]{2})?)?)?"
+)
+
+
+def is_iso8601(value):
+    """True if ``value`` is an ISO 8601 calendar date or date-time that exists."""
+    match = _ISO_EXTENDED.fullmatch(value) or _ISO_BASIC.fullmatch(value)
+    if not match:
+        return False
+    year, month, day, hour, minute, second, _, off_hour, off_minute = match.groups()
+    try:
+        date(int(year), int(month), int(day))
+    except ValueError:
+        return False
+    return (
+        int(hour or 0) <= 23 and int(minute or 0) <= 59 and int(second or 0) <= 60
+        and int(off_hour or 0) <= 23 and int(off_minute or 0) <= 59
+    )
+
+
+def _check_text(name, value, required=False):
+    if isinstance(value, str):
+        if required and not value.strip():
+            raise TaskValidationError("%s must not be blank" % name)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800") cannot be stored as UTF-8.
+            raise TaskValidationError("%s must be valid Unicode text" % name) from None
+        if name == "dueDate" and not is_iso8601(value):
+            raise TaskValidationError(
+                "dueDate must be an ISO 8601 date or date-time, "
+                "such as 2024-01-15 or 2024-01-15T10:00:00Z")
+        return value
+    if value is None and not required:
+        return None
+    if required:
+        raise TaskValidationError("%s is required and must be a non-blank string" % name)
+    raise TaskValidationError("%s must be a string or null" % name)
+
+
+def _check_object(fields, what):
+    if not isinstance(fields, dict):
+        raise TaskValidationError("the %s must be a JSON object" % what)
+
+
+def validate_new_task(fields):
+    """The seven create fields of ``fields``, checked; anything else is ignored."""
+    _check_object(fields, "task")
+    task = {"subject": _check_text("subject", fields.get("subject"), required=True)}
+    for name in _OPTIONAL_FIELDS:
+        task[name] = _check_text(name, fields.get(name))
+    return task
+
+
+def validate_task_changes(fields):
+    """The known fields of a partial update, checked. At least one must be present."""
+    _check_object(fields, "update")
+    changes = {}
+    if "subject" in fields:
+        changes["subject"] = _check_text("subject", fields["subject"], required=True)
+    for name in _OPTIONAL_FIELDS:
+        if name in fields:
+            changes[name] = _check_text(name, fields[name])
+    if "completed" in fields:
+        changes["completed"] = validate_completed(fields["completed"])
+    if not changes:
+        raise TaskValidationError(
+            "no known field to update; send one or more of: %s, completed"
+            % ", ".join(WRITABLE_FIELDS))
+    return changes
+
+
+def validate_completed(value):
+    if not isinstance(value, bool):
+        raise TaskValidationError("completed must be true or false")
+    return value
+
+
+def validate_ids(ids):
+    """``ids`` as a list of strings, or a TaskValidationError naming the bad entry."""
+    if not isinstance(ids, list):
+        raise TaskValidationError("ids is required and must be an array of strings")
+    for index, task_id in enumerate(ids):
+        if not isinstance(task_id, str):
+            raise TaskValidationError("ids[%d] must be a string" % index)
+    return ids
+
+
+def _now():
+    """The current time as (milliseconds since the epoch, UTC ISO 8601 text)."""
+    ms = int(time.time() * 1000)
+    seconds, millis = divmod(ms, 1000)
+    return ms, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+
+
+def new_task_id(ms):
+    """A URL-safe id: 'task-', the creation time in hex, then 80 random bits.
+
+    Time first keeps new ids at the right-hand end of the id index, so inserts
+    stay cheap as the table grows, and makes ids sort by creation time.
+    """
+    return "task-%012x%s" % (ms, secrets.token_hex(10))
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+class StorageError(Exception):
+    """The database cannot be opened or used; the message says why."""
+
+
+_SCHEMA = """
+CREATE TABLE genesy_tasks (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL UNIQUE,
+    subject      TEXT NOT NULL,
+    description  TEXT,
+    type         TEXT,
+    owner_id     TEXT,
+    due_date     TEXT,
+    contact_id   TEXT,
+    company_id   TEXT,
+    completed_at TEXT,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL
+);
+CREATE INDEX genesy_tasks_owner ON genesy_tasks (owner_id);
+CREATE INDEX genesy_tasks_contact ON genesy_tasks (contact_id);
+CREATE INDEX genesy_tasks_company ON genesy_tasks (company_id);
+"""
+
+# Columns in TASK_FIELDS order; "completed" is derived from completed_at.
+_COLUMNS = (
+    "id, subject, description, type, owner_id, due_date, contact_id, company_id, "
+    "NULL, completed_at, created_at, updated_at"
+)
+_SELECT_ONE = "SELECT %s FROM genesy_tasks WHERE id = ?" % _COLUMNS
+# One statement for any number of ids: no bound-parameter limit, one cached plan.
+_SELECT_MANY = (
+    "SELECT %s FROM genesy_tasks WHERE id IN (SELECT value FROM json_each(?))" % _COLUMNS)
+_INSERT = (
+    "INSERT INTO genesy_tasks (id, subject, description, type, owner_id, due_date, "
+    "contact_id, company_id, completed_at, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)"
+)
+_UPDATE_ONE = (
+    "UPDATE genesy_tasks SET subject = ?, description = ?, type = ?, owner_id = ?, "
+    "due_date = ?, contact_id = ?, company_id = ?, completed_at = ?, updated_at = ? "
+    "WHERE id = ?"
+)
+# Only tasks whose state changes are touched: a retried completion keeps its
+# first completedAt and its updatedAt.
+_COMPLETE_MANY = (
+    "UPDATE genesy_tasks SET completed_at = ?1, updated_at = ?1 "
+    "WHERE id IN (SELECT value FROM json_each(?2)) AND completed_at IS NULL"
+)
+_REOPEN_MANY = (
+    "UPDATE genesy_tasks SET completed_at = NULL, updated_at = ?1 "
+    "WHERE id IN (SELECT value FROM json_each(?2)) AND completed_at IS NOT NULL"
+)
+
+
+def _task(row):
+    task = dict(zip(TASK_FIELDS, row))
+    task["completed"] = row[9] is not None
+    return task
+
+
+def _in_request_order(ids, rows):
+    """Tasks from ``rows`` in the order their ids first appear in ``ids``, once each."""
+    found = {row[0]: row for row in rows}
+    return [_task(found.pop(task_id)) for task_id in ids if task_id in found]
+
+
+class TaskStore:
+    """Genesy's tasks in SQLite: the storage the HTTP routes call, usable directly.
+
+    ``TaskStore("crm.db")`` opens (or creates) the database, turns on WAL and
+    creates its two tables, ``genesy_tasks`` and ``genesy_meta``, beside any
+    others in the file. Each thread gets its own connection. Every method takes
+    and returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
+    """
+
+    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
+        self.path = os.fspath(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._create_file()
+        try:
+            self._migrate(self._connection())
+        except sqlite3.Error as error:
+            self.close()
+            raise StorageError("cannot use database %r: %s" % (self.path, error)) from error
+
+    # -- connections and transactions ---------------------------------------
+
+    def _create_file(self):
+        """Create a new database file readable by its owner only: it holds the API key."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            raise StorageError("TaskStore needs a database file path, not %r" % self.path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise StorageError("cannot use database %r: directory %r does not exist"
+                               % (self.path, directory))
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise StorageError("cannot create database %r: %s"
+                               % (self.path, error.strerror)) from error
+
+    def _connection(self):
+        conn = getattr(self._local, "connection", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=False, cached_statements=64)
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise sqlite3.OperationalError(
+                        "WAL journal mode is not available (got %r)" % mode)
+                # WAL + NORMAL: a commit is in the operating system's hands at
+                # once, so it survives a crash of this process; only a power
+                # loss can take the last commits.
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except BaseException:
+                conn.close()
+                raise
+            self._local.connection = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction; IMMEDIATE so it never fails half-way on a lock upgrade."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self, conn):
+        with self._write():
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = conn.execute(
+                "SELECT value FROM genesy_meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                # Not executescript(): it would commit this transaction first.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO genesy_meta VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    "its schema version %s is newer than this genesy-tasks (%s) understands"
+                    % (row[0], SCHEMA_VERSION))
+
+    def close(self):
+        """Close every connection this store opened, in any thread."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- settings -------------------------------------------------------------
+
+    def generated_api_key(self):
+        """The API key generated for this database on first use, then kept in it."""
+        conn = self._connection()
+        row = conn.execute("SELECT value FROM genesy_meta WHERE key = 'api_key'").fetchone()
+        if row is None:
+            with self._write():
+                conn.execute("INSERT OR IGNORE INTO genesy_meta VALUES ('api_key', ?)",
+                             (secrets.token_urlsafe(32),))
+                row = conn.execute(
+                    "SELECT value FROM genesy_meta WHERE key = 'api_key'").fetchone()
+        return row[0]
+
+    # -- tasks ------------------------------------------------------------------
+
+    def create(self, fields):
+        """Create a task from the create fields of ``fields``; return it whole."""
+        task = validate_new_task(fields)
+        ms, now = _now()
+        task_id = new_task_id(ms)
+        params = (task_id,) + tuple(task.values()) + (now, now)
+        with self._write() as conn:
+            conn.execute(_INSERT, params)
+        return {
+            "id": task_id, **task, "completed": False, "completedAt": None,
+            "createdAt": now, "updatedAt": now,
+        }
+
+    def get(self, task_id):
+        """The task with this id, or None."""
+        if not isinstance(task_id, str):
+            return None
+        row = self._connection().execute(_SELECT_ONE, (task_id,)).fetchone()
+        return None if row is None else _task(row)
+
+    def update(self, task_id, fields):
+        """Apply the known fields of ``fields``; return the whole task, or None if unknown.
+
+        ``completed: true`` sets completedAt unless the task is already
+        completed (the first completedAt is kept); ``completed: false`` reopens.
+        """
+        changes = validate_task_changes(fields)
+        if not isinstance(task_id, str):
+            return None
+        with self._write() as conn:
+            row = conn.execute(_SELECT_ONE, (task_id,)).fetchone()
+            if row is None:
+                return None
+            task = _task(row)
+            updated = dict(task)
+            _, now = _now()
+            for name, value in changes.items():
+                if name != "completed":
+                    updated[name] = value
+                elif value and not task["completed"]:
+                    updated["completed"], updated["completedAt"] = True, now
+                elif not value:
+                    updated["completed"], updated["completedAt"] = False, None
+            if updated == task:
+                return task
+            updated["updatedAt"] = now
+            conn.execute(_UPDATE_ONE, tuple(updated[name] for name in WRITABLE_FIELDS)
+                         + (updated["completedAt"], now, task_id))
+        return updated
+
+    def get_many(self, ids):
+        """The tasks with these ids, in the order of first appearance; unknown ids omitted."""
+        validate_ids(ids)
+        if not ids:
+            return []
+        rows = self._connection().execute(_SELECT_MANY, (json.dumps(ids),)).fetchall()
+        return _in_request_order(ids, rows)
+
+    def set_completed_many(self, ids, completed):
+        """Complete (or reopen) these tasks in one transaction; return them like get_many."""
+        validate_ids(ids)
+        validate_completed(completed)
+        if not ids:
+            return []
+        ids_json = json.dumps(ids)
+        _, now = _now()
+        with self._write() as conn:
+            conn.execute(_COMPLETE_MANY if completed else _REOPEN_MANY, (now, ids_json))
+            rows = conn.execute(_SELECT_MANY, (ids_json,)).fetchall()
+        return _in_request_order(ids, rows)
+
+    def count(self):
+        """How many tasks the store holds."""
+        return self._connection().execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
+
+
+###############################################################################
+# HTTP application ############################################################
+###############################################################################
+
+_JSON_MEDIA_TYPES = ("application/json",)
+_decode_json = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name)).decode
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _json_bytes(value):
+    return _encode_json(value).encode("utf-8")
+
+
+class RequestError(Exception):
+    """A request the API refuses: the status, a short title and a message naming the cause."""
+
+    def __init__(self, status, title, message, headers=None):
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+        self.headers = headers or {}
+
+
+def error_body(title, message):
+    """An error body in the shape Genesy documents."""
+    return _json_bytes({"error": title, "message": message})
+
+
+def _error_response(status, title, message, headers=None):
+    response = bottle.HTTPResponse(error_body(title, message), status, headers)
+    response.content_type = "application/json"
+    response.set_header("X-Content-Type-Options", "nosniff")
+    return response
+
+
+def _read_json(environ, max_body):
+    """The request's JSON body, refusing what is not declared as JSON or is too large."""
+    media_type = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+    if media_type not in _JSON_MEDIA_TYPES and not media_type.endswith("+json"):
+        raise RequestError(415, "Unsupported media type",
+                           "the request body must be JSON, sent with "
+                           "Content-Type: application/json")
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        try:
+            length = int(length)
+        except ValueError:
+            raise RequestError(400, "Bad request", "Content-Length is not a number") from None
+        if length > max_body:
+            raise _body_too_large(max_body)
+        body = environ["wsgi.input"].read(length)
+    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        body = environ["wsgi.input"].read(max_body + 1)
+        if len(body) > max_body:
+            raise _body_too_large(max_body)
+    else:
+        body = b""
+    try:
+        return _decode_json(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RequestError(400, "Invalid JSON", "the request body is not UTF-8") from None
+    except (ValueError, RecursionError) as error:
+        raise RequestError(400, "Invalid JSON",
+                           "the request body is not valid JSON: %s" % error) from None
+
+
+def _body_too_large(max_body):
+    return RequestError(413, "Payload too large",
+                        "the request body is larger than %d bytes" % max_body)
+
+
+def _batch_ids(body, max_batch):
+    if not isinstance(body, dict):
+        raise TaskValidationError("the request body must be a JSON object with an ids array")
+    ids = validate_ids(body.get("ids"))
+    if len(ids) > max_batch:
+        raise RequestError(413, "Batch too large",
+                           "ids has %d entries; the maximum is %d" % (len(ids), max_batch))
+    return ids
+
+
+def _task_not_found(task_id):
+    return RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
+
+
+class TasksApp(bottle.Bottle):
+    """The Bottle application :func:`make_app` returns; ``close()`` also closes its store."""
+
+    def __init__(self, store, max_body, max_batch):
+        super().__init__()
+        self.store, self.max_body, self.max_batch = store, max_body, max_batch
+
+    def close(self):
+        super().close()
+        self.store.close()
+
+    def default_error_handler(self, res):
+        # Router errors (404, 405) and failures outside a route: JSON too, never HTML.
+        bottle.response.content_type = "application/json"
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        request = bottle.request
+        if res.status_code == 404:
+            return error_body("Not found", "No route for %s %s"
+                              % (request.method, request.path))
+        if res.status_code == 405:
+            return error_body("Method not allowed", "%s is not allowed on %s; allowed: %s"
+                              % (request.method, request.path,
+                                 res.get_header("Allow", "").replace(",", ", ")))
+        if res.status_code >= 500:
+            return error_body("Internal server error",
+                              "the server failed to handle the request; the error was logged")
+        return error_body(res.status_line.partition(" ")[2] or "Error", str(res.body))
+
+
+def _parse_api_keys(api_keys):
+    """Keys from a comma-separated string or an iterable; blanks dropped, spaces trimmed."""
+    if api_keys is None:
+        return []
+    if isinstance(api_keys, str):
+        api_keys = api_keys.split(",")
+    return [key.strip() for key in api_keys if key and key.strip()]
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _environ_key(header):
+    """The WSGI environ key that carries a request header."""
+    if not _HEADER_NAME.fullmatch(header or ""):
+        raise ValueError("invalid API key header name: %r" % (header,))
+    if header.lower() in ("content-type", "content-length"):
+        raise ValueError("the API key header cannot be %s" % header)
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
+             max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH):
+    """Build the Genesy Tasks API as a Bottle application.
+
+    :param db_path: the SQLite file (created if missing), or an open TaskStore.
+    :param api_keys: accepted keys, a list or a comma-separated string; when
+        empty or None, the key generated for (and kept in) the database.
+    :param header: the request header that carries the key (default X-API-Key).
+    :param max_body: the largest request body accepted, in bytes (default 4 MiB).
+    :param max_batch: the most ids accepted in one batch (default 10,000).
+    """
+    store = db_path if isinstance(db_path, TaskStore) else TaskStore(db_path)
+    keys = _parse_api_keys(api_keys) or [store.generated_api_key()]
+    keys = [key.encode("utf-8") for key in keys]
+    key_environ = _environ_key(header)
+    app = TasksApp(store, max_body, max_batch)
+    app.uninstall(True)  # no JSON or template plugins: routes return bytes
+
+    def authorized(environ):
+        # WSGI carries headers as latin-1 text, so this never fails; compare with
+        # every key so the time taken says nothing about which one nearly matched.
+        given = environ.get(key_environ, "").encode("latin-1")
+        match = False
+        for key in keys:
+            match |= hmac.compare_digest(given, key)
+        return match
+
+    def api(callback):
+        """Wrap a route: the API key first, then every failure as Genesy's JSON error."""
+        def route(**url_args):
+            environ = bottle.request.environ
+            if not authorized(environ):
+                return _error_response(401, "Unauthorized",
+                                       "missing or invalid API key in the %s header" % header)
+            try:
+                body = callback(environ, **url_args)
+            except RequestError as error:
+                return _error_response(error.status, error.title, error.message, error.headers)
+            except TaskValidationError as error:
+                return _error_response(400, "Invalid request", str(error))
+            except sqlite3.OperationalError as error:
+                # Locked past the busy timeout, read-only, disk full: the
+                # request may succeed later, so say so instead of failing.
+                environ["wsgi.errors"].write("genesy-tasks: storage unavailable: %s\n" % error)
+                return _error_response(503, "Service unavailable",
+                                       "the task database is unavailable; retry later",
+                                       {"Retry-After": "1"})
+            except Exception:
+                environ["wsgi.errors"].write(traceback.format_exc())
+                return _error_response(500, "Internal server error",
+                                       "the server failed to handle the request; "
+                                       "the error was logged")
+            response = bottle.response
+            response.content_type = "application/json"
+            response.set_header("X-Content-Type-Options", "nosniff")
+            return body
+        route.__name__ = callback.__name__
+        return route
+
+    def task_location(environ, task_id):
+        # Mounted inside another Bottle app, routes carry the mount prefix.
+        prefix = app.config.get("_mount.prefix", "/")
+        return environ.get("SCRIPT_NAME", "").rstrip("/") + prefix + "tasks/" + task_id
+
+    @app.get("/health")
+    @api
+    def health(environ):
+        return b'{"status":"ok"}'
+
+    @app.post("/tasks")
+    @api
+    def create_task(environ):
+        task = store.create(_read_json(environ, max_body))
+        bottle.response.status = 201
+        bottle.response.set_header("Location", task_location(environ, task["id"]))
+        return _json_bytes(task)
+
+    # The batch paths are registered before, and excluded from, the single-task
+    # pattern: "batch" is never looked up as a task id.
+    @app.post("/tasks/batch")
+    @api
+    def get_tasks_batch(environ):
+        ids = _batch_ids(_read_json(environ, max_body), max_batch)
+        return _json_bytes(store.get_many(ids))
+
+    @app.route("/tasks/batch", method="PATCH")
+    @api
+    def complete_tasks_batch(environ):
+        body = _read_json(environ, max_body)
+        ids = _batch_ids(body, max_batch)
+        if "completed" not in body:
+            raise TaskValidationError("completed is required and must be true or false")
+        return _json_bytes(store.set_completed_many(ids, body["completed"]))
+
+    single_task = "/tasks/<task_id:re:(?!batch$)[^/]+>"
+
+    @app.get(single_task)
+    @api
+    def get_task(environ, task_id):
+        task = store.get(task_id)
+        if task is None:
+            raise _task_not_found(task_id)
+        return _json_bytes(task)
+
+    @app.route(single_task, method="PATCH")
+    @api
+    def update_task(environ, task_id):
+        task = store.update(task_id, _read_json(environ, max_body))
+        if task is None:
+            raise _task_not_found(task_id)
+        return _json_bytes(task)
+
+    return app
+
+
+def _app_from_environment():
+    """The app as configured by GENESY_* environment variables (used by ``app``)."""
+    db_path = os.environ.get("GENESY_TASKS_DB") or DEFAULT_DB
+    api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
+    header = os.environ.get("GENESY_API_KEY_HEADER") or DEFAULT_HEADER
+    app = make_app(db_path, api_keys, header)
+    if not api_keys:
+        sys.stderr.write("genesy-tasks: no GENESY_API_KEY set; %s: %s\n"
+                         % (header, app.store.generated_api_key()))
+        sys.stderr.flush()
+    return app
+
+
+class _LazyApp:
+    """A WSGI callable that builds the app from the environment on its first request.
+
+    It lets ``gunicorn genesy_tasks:app`` work while importing the module
+    touches no file.
+    """
+
+    def __init__(self):
+        self._app = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = _app_from_environment()
+        return self._app(environ, start_response)
+
+
+app = _LazyApp()
+
+
+###############################################################################
+# HTTP server #################################################################
+###############################################################################
+
+_MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 100
+_LINGER_SECONDS = 2.0
+_STATUS_LINES = {}
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
+
+
+class _BadRequest(Exception):
+    def __init__(self, status, title, message):
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+def _dechunk(buffer, start, limit):
+    """Decode a chunked body from ``buffer[start:]``: (body, end), or None if incomplete."""
+    body = bytearray()
+    pos = start
+    while True:
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            if len(buffer) - pos > 1024:
+                raise _BadRequest(400, "Bad request", "malformed chunked body")
+            return None
+        size_text = bytes(buffer[pos:line_end]).partition(b";")[0].strip()
+        if not size_text or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+            raise _BadRequest(400, "Bad request", "malformed chunk size")
+        size = int(size_text, 16)
+        pos = line_end + 2
+        if size == 0:
+            # Trailers (ignored) end with an empty line.
+            trailer_end = buffer.find(b"\r\n\r\n", pos - 2)
+            if trailer_end < 0:
+                return None
+            return bytes(body), trailer_end + 4
+        if len(body) + size > limit:
+            raise _BadRequest(413, "Payload too large",
+                              "the request body is larger than %d bytes" % limit)
+        if len(buffer) < pos + size + 2:
+            return None
+        body += buffer[pos:pos + size]
+        if buffer[pos + size:pos + size + 2] != b"\r\n":
+            raise _BadRequest(400, "Bad request", "malformed chunked body")
+        pos += size + 2
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: reads whole requests, then hands them to the server.
+
+    A request reaches the application only once it has fully arrived, so a
+    client that stalls half-way holds up nobody but itself.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.transport = None
+        self.buffer = bytearray()
+        self.head = None            # the parsed head of the request being received
+        self.request_started = None  # monotonic time its first byte arrived
+        self.idle_since = time.monotonic()
+        self.closing = False        # answering nothing more on this connection
+        self.linger_until = None    # draining input after a final response
+        self.write_paused = False
+        self.peer = "-"
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = peer[0]
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc):
+        self.server._connections.discard(self)
+
+    def data_received(self, data):
+        if self.linger_until is not None:
+            return  # a final response was sent: input is drained and dropped
+        if self.request_started is None:
+            self.request_started = time.monotonic()
+        self.buffer += data
+        self._process()
+
+    def eof_received(self):
+        # The client half-closed: answer what has fully arrived, then close.
+        self.closing = True
+        self._process()
+        self.transport.close()
+        return True
+
+    def pause_writing(self):
+        # The client is not reading its responses: stop reading its requests.
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        self.transport.resume_reading()
+        self._process()
+
+    def _process(self):
+        server = self.server
+        while not self.write_paused and self.linger_until is None:
+            try:
+                request = self._next_request()
+            except _BadRequest as error:
+                self.finish_with_error(error.status, error.title, error.message)
+                return
+            if request is None:
+                return
+            server._handle(self, *request)
+            if self.closing:
+                self.transport.close()
+                return
+            if self.buffer:
+                self.request_started = time.monotonic()
+            else:
+                self.request_started = None
+                self.idle_since = time.monotonic()
+
+    def _next_request(self):
+        """(environ, keep_alive) for the next complete request, or None if incomplete."""
+        buffer = self.buffer
+        if self.head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    raise _BadRequest(431, "Request header fields too large",
+                                      "the request head is larger than %d bytes" % _MAX_HEAD)
+                return None
+            if end > _MAX_HEAD:
+                raise _BadRequest(431, "Request header fields too large",
+                                  "the request head is larger than %d bytes" % _MAX_HEAD)
+            self.head = self.server._parse_head(bytes(buffer[:end]), self.peer)
+            del buffer[:end + 4]
+        environ, keep_alive, length, expect_continue = self.head
+        if length == "chunked":
+            decoded = _dechunk(buffer, 0, self.server.max_body)
+            if decoded is None:
+                self._maybe_continue()
+                return None
+            body, end = decoded
+            environ["CONTENT_LENGTH"] = str(len(body))
+        else:
+            if len(buffer) < length:
+                self._maybe_continue()
+                return None
+            body, end = bytes(buffer[:length]), length
+        del buffer[:end]
+        self.head = None
+        environ["wsgi.input"] = io.BytesIO(body)
+        return environ, keep_alive
+
+    def _maybe_continue(self):
+        # curl and others wait for "100 Continue" before sending a large body.
+        environ, keep_alive, length, expect_continue = self.head
+        if expect_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.head = (environ, keep_alive, length, False)
+
+    def finish_with_error(self, status, title, message, log_line=None):
+        """Send a final error response, then drain input briefly so the client can read it."""
+        server = self.server
+        body = error_body(title, message)
+        self.transport.write(server._response_head(
+            "%d %s" % (status, title), [("Content-Type", "application/json")],
+            body, keep_alive=False) + body)
+        server._log("%s - %d (%s)" % (self.peer, status, message))
+        self.closing = True
+        self.head = None
+        self.buffer = bytearray()
+        self.linger_until = time.monotonic() + _LINGER_SECONDS
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+
+class TaskServer:
+    """An HTTP/1.1 server for a WSGI app: keep-alive, one thread, no slow-client stalls.
+
+    Connections are handled by an asyncio event loop; a request is passed to
+    the application only once it has fully arrived, and the application runs
+    on the loop's thread. SQLite answers in microseconds, so running requests
+    one at a time costs less than handing them between threads (the GIL makes
+    threads take turns anyway), while no client can hold up another by being
+    slow to send or to read.
+
+    ``server = TaskServer(app, host, port)`` binds at once (``server.port``
+    tells the port when 0 was asked); ``server.serve_forever()`` runs until
+    ``server.shutdown()``, SIGINT or SIGTERM, then finishes in-flight requests.
+    """
+
+    def __init__(self, app, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
+                 max_body=DEFAULT_MAX_BODY, request_timeout=10.0,
+                 keepalive_timeout=75.0, shutdown_timeout=10.0, log=None):
+        self.app = app
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._log_stream = log or sys.stderr
+        self._log_lines = []
+        self._connections = set()
+        self._stopping = False
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._server = self._loop.run_until_complete(self._loop.create_server(
+                lambda: _Connection(self), host, port, backlog=1024, reuse_address=True))
+        except BaseException:
+            self._loop.close()
+            raise
+        sockname = self._server.sockets[0].getsockname()
+        self.host, self.port = host, sockname[1]
+        self._base_environ = {
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.errors": self._log_stream, "wsgi.multithread": False,
+            "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "SERVER_NAME": host, "SERVER_PORT": str(self.port),
+            "SCRIPT_NAME": "", "SERVER_SOFTWARE": "genesy-tasks",
+        }
+        self._date_second = None
+        self._date_header = ""
+        self._stopped = self._loop.create_future()
+        self._sweeper = None
+
+    @property
+    def url(self):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "http://%s:%d" % (host, self.port)
+
+    # -- running and stopping -------------------------------------------------
+
+    def serve_forever(self):
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self._begin_shutdown)
+        self._sweeper = loop.call_later(1.0, self._sweep)
+        try:
+            loop.run_until_complete(self._stopped)
+            loop.run_until_complete(self._drain())
+        finally:
+            self._sweeper.cancel()
+            self._flush_log()
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+            loop.close()
+
+    def shutdown(self):
+        """Stop accepting, finish in-flight requests, then return from serve_forever()."""
+        self._loop.call_soon_threadsafe(self._begin_shutdown)
+
+    def _begin_shutdown(self):
+        if self._stopping:
+            return
+        self._stopping = True
+        self._server.close()
+        for conn in list(self._connections):
+            if conn.request_started is None and conn.linger_until is None:
+                conn.transport.close()  # idle keep-alive: flushes, then closes
+            else:
+                conn.closing = True
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def _drain(self):
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self._connections):
+            conn.transport.abort()
+        await self._server.wait_closed()
+
+    def _sweep(self):
+        """Once a second: time out stalled requests, idle connections and lingering closes."""
+        now = time.monotonic()
+        for conn in list(self._connections):
+            if conn.linger_until is not None:
+                if now > conn.linger_until:
+                    conn.transport.abort()
+            elif conn.request_started is not None:
+                if now - conn.request_started > self.request_timeout:
+                    conn.finish_with_error(
+                        408, "Request timeout",
+                        "the request did not arrive within %g seconds" % self.request_timeout)
+            elif now - conn.idle_since > self.keepalive_timeout or self._stopping:
+                conn.transport.close()
+        self._sweeper = self._loop.call_later(1.0, self._sweep)
+
+    # -- requests ---------------------------------------------------------------
+
+    def _parse_head(self, head, peer):
+        """The environ, keep-alive flag, body length and 100-continue flag of a request head."""
+        try:
+            text = head.decode("latin-1")
+            lines = text.split("\r\n")
+            method, target, protocol = lines[0].split(" ")
+        except ValueError:
+            raise _BadRequest(400, "Bad request", "malformed request line") from None
+        if protocol not in ("HTTP/1.1", "HTTP/1.0"):
+            raise _BadRequest(505, "HTTP version not supported",
+                              "only HTTP/1.0 and HTTP/1.1 are supported")
+        if not method.isalpha() or not method.isupper():
+            raise _BadRequest(400, "Bad request", "malformed request method")
+        if not target.startswith("/"):
+            if target.startswith(("http://", "https://")):
+                target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+            else:
+                raise _BadRequest(400, "Bad request", "malformed request target")
+        path, _, query = target.partition("?")
+        environ = self._base_environ.copy()
+        environ["REQUEST_METHOD"] = method
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        environ["QUERY_STRING"] = query
+        environ["SERVER_PROTOCOL"] = protocol
+        environ["REMOTE_ADDR"] = peer
+        if len(lines) > _MAX_HEADERS + 1:
+            raise _BadRequest(431, "Request header fields too large",
+                              "more than %d request headers" % _MAX_HEADERS)
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or " " in name:
+                raise _BadRequest(400, "Bad request", "malformed request header")
+            key = name.upper().replace("-", "_")
+            value = value.strip(" \t")
+            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+                if key in environ and environ[key] != value:
+                    raise _BadRequest(400, "Bad request", "conflicting %s headers" % name)
+                environ[key] = value
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                value = environ[key] + "," + value
+            environ[key] = value
+        connection = environ.get("HTTP_CONNECTION", "").lower()
+        if protocol == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection
+        transfer_encoding = environ.pop("HTTP_TRANSFER_ENCODING", None)
+        if transfer_encoding is not None:
+            if "CONTENT_LENGTH" in environ:
+                raise _BadRequest(400, "Bad request",
+                                  "Content-Length and Transfer-Encoding together")
+            if transfer_encoding.strip().lower() != "chunked":
+                raise _BadRequest(501, "Not implemented",
+                                  "only the chunked transfer coding is supported")
+            length = "chunked"
+        else:
+            length_text = environ.get("CONTENT_LENGTH", "0") or "0"
+            if not length_text.isdigit() or not length_text.isascii():
+                raise _BadRequest(400, "Bad request", "Content-Length is not a number")
+            length = int(length_text)
+            if length > self.max_body:
+                raise _BadRequest(413, "Payload too large",
+                                  "the request body is larger than %d bytes" % self.max_body)
+        expect_continue = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
+        return environ, keep_alive, length, expect_continue
+
+    def _handle(self, conn, environ, keep_alive):
+        """Run the application on one complete request and write its response."""
+        started = time.perf_counter()
+        if self._stopping or conn.closing:
+            keep_alive = False
+        response = []
+
+        def start_response(status, headers, exc_info=None):
+            response[:] = [status, headers]
+
+        try:
+            result = self.app(environ, start_response)
+            try:
+                body = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            status, headers = response
+        except Exception:
+            self._log_stream.write(traceback.format_exc())
+            status = "500 Internal Server Error"
+            headers = [("Content-Type", "application/json")]
+            body = error_body("Internal server error",
+                              "the server failed to handle the request; the error was logged")
+        if environ["REQUEST_METHOD"] == "HEAD":
+            body = b""
+        head = self._response_head(status, headers, body, keep_alive,
+                                   environ["SERVER_PROTOCOL"] == "HTTP/1.0")
+        conn.transport.write(head + body)
+        if not keep_alive:
+            conn.closing = True
+        path = environ["PATH_INFO"]
+        if not path.isprintable():
+            path = path.encode("unicode_escape").decode("ascii")  # no forged log lines
+        self._log("%s %s %s %s %.2fms" % (
+            conn.peer, environ["REQUEST_METHOD"], path, status[:3],
+            (time.perf_counter() - started) * 1000))
+
+    def _response_head(self, status, headers, body, keep_alive, http10=False):
+        lines = ["HTTP/1.1 " + status]
+        has_length = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in _HOP_BY_HOP:
+                continue
+            if lowered == "content-length":
+                has_length = True
+            lines.append(name + ": " + value)
+        if not has_length:
+            lines.append("Content-Length: %d" % len(body))
+        if not keep_alive:
+            lines.append("Connection: close")
+        elif http10:
+            lines.append("Connection: keep-alive")
+        lines.append(self._date())
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    def _date(self):
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second = second
+            self._date_header = "Date: " + time.strftime(
+                "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        return self._date_header
+
+    def _log(self, line):
+        # Lines are written once per turn of the event loop, not once per request.
+        if not self._log_lines:
+            self._loop.call_soon(self._flush_log)
+        self._log_lines.append(line)
+
+    def _flush_log(self):
+        lines, self._log_lines = self._log_lines, []
+        if lines:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime())
+            self._log_stream.write("".join(stamp + line + "\n" for line in lines))
+            self._log_stream.flush()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def _env_default(name, default):
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _whole_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % (text,)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is negative" % (text,))
+    return value
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="genesy-tasks",
+        description="Serve the Genesy Tasks API from a SQLite file. Requests must carry "
+                    "the API key in the header named by GENESY_API_KEY_HEADER (default "
+                    "X-API-Key). The key comes from GENESY_API_KEY (several may be given, "
+                    "separated by commas); without it, a key is generated on first start, "
+                    "kept in the database and printed at every start.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default=_env_default("GENESY_TASKS_HOST", DEFAULT_HOST),
+                        help="address to listen on (env GENESY_TASKS_HOST)")
+    parser.add_argument("--port", type=_whole_number,
+                        default=_env_default("GENESY_TASKS_PORT", DEFAULT_PORT),
+                        help="port to listen on, 0 for any free port (env GENESY_TASKS_PORT)")
+    parser.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
+                        help="SQLite database file, created if missing (env GENESY_TASKS_DB)")
+    parser.add_argument("--max-batch", type=_whole_number,
+                        default=_env_default("GENESY_TASKS_MAX_BATCH", DEFAULT_MAX_BATCH),
+                        help="most ids in one batch request; more is a 413 "
+                             "(env GENESY_TASKS_MAX_BATCH)")
+    parser.add_argument("--max-body", type=_whole_number,
+                        default=_env_default("GENESY_TASKS_MAX_BODY", DEFAULT_MAX_BODY),
+                        help="largest request body in bytes; more is a 413 "
+                             "(env GENESY_TASKS_MAX_BODY)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def main(argv=None):
+    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    parser = _build_parser()
+    # argparse also converts the defaults taken from the environment, so a bad
+    # GENESY_TASKS_PORT is reported like a bad --port.
+    args = parser.parse_args(argv)
+    header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
+    api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
+    try:
+        store = TaskStore(args.db)
+    except StorageError as error:
+        print("genesy-tasks: %s" % error, file=sys.stderr)
+        return 2
+    try:
+        try:
+            tasks_app = make_app(store, api_keys, header,
+                                 max_body=args.max_body, max_batch=args.max_batch)
+            generated_key = None if api_keys else store.generated_api_key()
+        except ValueError as error:
+            print("genesy-tasks: %s (GENESY_API_KEY_HEADER)" % error, file=sys.stderr)
+            return 2
+        except sqlite3.Error as error:
+            print("genesy-tasks: cannot use database %r: %s" % (args.db, error), file=sys.stderr)
+            return 2
+        try:
+            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body)
+        except OSError as error:
+            print("genesy-tasks: cannot listen on %s:%s: %s"
+                  % (args.host, args.port, error.strerror or error), file=sys.stderr)
+            return 2
+        print("genesy-tasks %s serving %s (database %s)" % (__version__, server.url, args.db))
+        if generated_key is None:
+            print("API key header: %s (key from GENESY_API_KEY, not shown)" % header)
+        else:
+            print("API key header: %s" % header)
+            print("API key: %s (generated and kept in %s; set GENESY_API_KEY to use your own)"
+                  % (generated_key, args.db))
+        sys.stdout.flush()
+        server.serve_forever()
+        print("genesy-tasks: stopped", file=sys.stderr)
+        return 0
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
