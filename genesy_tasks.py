@@ -338,6 +338,8 @@ class TaskStore:
         conn.execute("COMMIT")
 
     def _migrate(self, conn):
+        if self._schema_version(conn) == SCHEMA_VERSION:
+            return  # the usual case needs no write lock, so a busy CRM cannot stop a start
         with self._write():
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -354,6 +356,15 @@ class TaskStore:
                 raise sqlite3.DatabaseError(
                     "its schema version %s is newer than this genesy-tasks (%s) understands"
                     % (row[0], SCHEMA_VERSION))
+
+    @staticmethod
+    def _schema_version(conn):
+        try:
+            row = conn.execute(
+                "SELECT value FROM genesy_meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            return None  # no genesy_meta table yet
+        return None if row is None else int(row[0])
 
     def close(self):
         """Close every connection this store opened, in any thread."""
@@ -618,9 +629,13 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
 
     def authorized(environ):
-        # WSGI carries headers as latin-1 text, so this never fails; compare with
-        # every key so the time taken says nothing about which one nearly matched.
-        given = environ.get(key_environ, "").encode("latin-1")
+        # WSGI carries headers as latin-1 text; compare with every key so the
+        # time taken says nothing about which one nearly matched.
+        given = environ.get(key_environ, "")
+        try:
+            given = given.encode("latin-1")
+        except UnicodeEncodeError:  # a server that did not follow PEP 3333
+            given = given.encode("utf-8", "surrogatepass")
         match = False
         for key in keys:
             match |= hmac.compare_digest(given, key)

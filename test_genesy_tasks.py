@@ -1,0 +1,943 @@
+"""Tests for genesy_tasks: WebTest against make_app, TaskStore directly, and the
+real server as a process. Each test gets a fresh database in tmp_path."""
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import bottle
+import pytest
+import webtest
+
+import genesy_tasks
+from genesy_tasks import TaskStore, TaskValidationError, make_app
+
+KEY = "test-key-0123456789"
+HEADERS = {"X-API-Key": KEY}
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "genesy_tasks.py")
+TASK_KEYS = {
+    "id", "subject", "description", "type", "ownerId", "dueDate", "contactId",
+    "companyId", "completed", "completedAt", "createdAt", "updatedAt",
+}
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+FULL_TASK = {
+    "subject": "Follow up with John",
+    "description": "Discuss pricing proposal from last meeting",
+    "type": "call",
+    "ownerId": "user-123",
+    "dueDate": "2024-01-15T10:00:00Z",
+    "contactId": "contact-456",
+    "companyId": "company-789",
+}
+
+
+# -- fixtures -------------------------------------------------------------------
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "tasks.db")
+
+
+@pytest.fixture
+def tasks_app(db_path):
+    application = make_app(db_path, api_keys=KEY)
+    yield application
+    application.close()
+
+
+@pytest.fixture
+def api(tasks_app):
+    return webtest.TestApp(tasks_app)
+
+
+@pytest.fixture
+def store(tasks_app):
+    return tasks_app.store
+
+
+def create(api, **fields):
+    body = {"subject": "A task", **fields}
+    return api.post_json("/tasks", body, headers=HEADERS, status=201).json
+
+
+def assert_error(response, status, title=None, mentions=()):
+    assert response.status_int == status
+    assert response.content_type == "application/json"
+    body = response.json
+    assert set(body) == {"error", "message"}
+    assert body["error"] and body["message"]
+    if title is not None:
+        assert body["error"] == title
+    for word in mentions:
+        assert word in body["message"], body["message"]
+    return body
+
+
+# -- creating tasks ---------------------------------------------------------------
+
+def test_create_returns_201_location_and_the_whole_task(api):
+    response = api.post_json("/tasks", FULL_TASK, headers=HEADERS, status=201)
+    task = response.json
+    assert response.content_type == "application/json"
+    assert response.headers["Location"] == "/tasks/" + task["id"]
+    assert set(task) == TASK_KEYS
+    for name, value in FULL_TASK.items():
+        assert task[name] == value
+    assert task["completed"] is False and task["completedAt"] is None
+    assert ISO_UTC.match(task["createdAt"]) and task["updatedAt"] == task["createdAt"]
+    assert re.fullmatch(r"task-[A-Za-z0-9_-]+", task["id"])
+    assert api.get(response.headers["Location"], headers=HEADERS, status=200).json == task
+
+
+def test_only_subject_is_required_and_unset_fields_are_null(api):
+    task = api.post_json("/tasks", {"subject": "Test task"}, headers=HEADERS, status=201).json
+    assert set(task) == TASK_KEYS
+    for name in ("description", "type", "ownerId", "dueDate", "contactId", "companyId"):
+        assert task[name] is None
+    assert task["completed"] is False
+
+
+def test_ids_are_unique_and_server_generated(api):
+    ids = {create(api)["id"] for _ in range(50)}
+    assert len(ids) == 50
+    task = create(api, id="task-mine", completed=True, completedAt="2024-01-01T00:00:00Z",
+                  createdAt="2000-01-01", color="red")
+    assert task["id"] != "task-mine" and task["id"].startswith("task-")
+    assert task["completed"] is False and task["completedAt"] is None
+    assert task["createdAt"] != "2000-01-01"
+    stored = api.get("/tasks/" + task["id"], headers=HEADERS).json
+    assert "color" not in stored and set(stored) == TASK_KEYS
+
+
+@pytest.mark.parametrize("due", [
+    "2024-01-15", "2024-01-15T10:00:00Z", "2024-01-15T10:00:00.123Z", "2024-01-15T10:00",
+    "2024-01-15T10:00:00+02:00", "2024-01-15T10:00:00-0530", "2024-01-15T10:00:00+02",
+    "20240115", "20240115T100000Z", "2024-02-29T23:59:60Z", "2024-01-15T10:00:00,5",
+])
+def test_due_date_accepts_iso_8601_and_comes_back_exactly(api, due):
+    assert create(api, dueDate=due)["dueDate"] == due
+
+
+@pytest.mark.parametrize("due", [
+    "", "tomorrow", "2024-13-01", "2023-02-29", "2024-01-15T25:00:00Z", "2024-01-15 10:00",
+    "15/01/2024", "2024-01-15T10:00:00+2", "2024-1-5", "2024-01-15T10:61", "１２３４-01-01",
+])
+def test_due_date_that_is_not_iso_8601_is_a_400(api, store, due):
+    response = api.post_json("/tasks", {"subject": "x", "dueDate": due},
+                             headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=["dueDate"])
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "subject"),
+    ({"subject": ""}, "subject"),
+    ({"subject": "   "}, "subject"),
+    ({"subject": None}, "subject"),
+    ({"subject": 42}, "subject"),
+    ({"subject": ["a"]}, "subject"),
+    ({"subject": "ok", "description": 5}, "description"),
+    ({"subject": "ok", "type": True}, "type"),
+    ({"subject": "ok", "ownerId": 123}, "ownerId"),
+    ({"subject": "ok", "contactId": {"id": 1}}, "contactId"),
+    ({"subject": "ok", "companyId": []}, "companyId"),
+    ({"subject": "ok", "dueDate": 20240115}, "dueDate"),
+    ({"subject": "bad \ud800 text"}, "subject"),
+])
+def test_invalid_create_fields_are_400s_naming_the_field(api, store, body, field):
+    response = api.post_json("/tasks", body, headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=[field])
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"{", b"not json", b'{"subject": "x",}', b"[1, 2]", b'"subject"', b"null", b"42",
+    b'{"subject": NaN}', b"\xff\xfe{}", b"[" * 100000, b'{"subject": "x"} trailing',
+])
+def test_a_body_that_is_not_a_json_object_is_a_400(api, store, raw):
+    response = api.post("/tasks", raw, headers={**HEADERS, "Content-Type": "application/json"},
+                        status=400)
+    assert_error(response, 400)
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_not_declared_as_json_is_a_415(api, store, content_type):
+    headers = dict(HEADERS)
+    if content_type:
+        headers["Content-Type"] = content_type
+    response = api.post("/tasks", b'{"subject": "x"}', headers=headers, status=415)
+    assert_error(response, 415, mentions=["application/json"])
+    assert store.count() == 0
+
+
+def test_json_content_type_with_charset_is_accepted(api):
+    api.post("/tasks", b'{"subject": "x"}', status=201,
+             headers={**HEADERS, "Content-Type": "application/json; charset=utf-8"})
+
+
+def test_unicode_fields_round_trip(api):
+    task = create(api, subject="Llamar a José 📞", description="línea 1\nlínea 2\u0000end")
+    again = api.get("/tasks/" + task["id"], headers=HEADERS).json
+    assert again["subject"] == "Llamar a José 📞"
+    assert again["description"] == "línea 1\nlínea 2\u0000end"
+
+
+# -- reading and updating one task --------------------------------------------------
+
+def test_get_unknown_task_is_a_404_in_genesys_shape(api):
+    response = api.get("/tasks/task-xyz", headers=HEADERS, status=404)
+    body = assert_error(response, 404, title="Task not found")
+    assert body["message"] == "No task exists with ID: task-xyz"
+
+
+def test_patch_completes_a_task_and_a_retry_keeps_the_first_completed_at(api):
+    task = create(api)
+    done = api.patch_json("/tasks/" + task["id"], {"completed": True},
+                          headers=HEADERS, status=200).json
+    assert set(done) == TASK_KEYS
+    assert done["completed"] is True and ISO_UTC.match(done["completedAt"])
+    assert done["updatedAt"] == done["completedAt"]
+    time.sleep(0.01)
+    again = api.patch_json("/tasks/" + task["id"], {"completed": True},
+                           headers=HEADERS, status=200).json
+    assert again["completedAt"] == done["completedAt"]
+    assert again == done
+
+
+def test_patch_completed_false_reopens_the_task(api):
+    task = create(api)
+    api.patch_json("/tasks/" + task["id"], {"completed": True}, headers=HEADERS)
+    reopened = api.patch_json("/tasks/" + task["id"], {"completed": False},
+                              headers=HEADERS, status=200).json
+    assert reopened["completed"] is False and reopened["completedAt"] is None
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == reopened
+
+
+@pytest.mark.parametrize("field, value", [
+    ("subject", "New subject"), ("description", "New notes"), ("description", None),
+    ("type", "email"), ("ownerId", "user-9"), ("dueDate", "2025-06-01"),
+    ("contactId", "contact-1"), ("companyId", None),
+])
+def test_patch_updates_any_documented_field_and_leaves_the_rest(api, field, value):
+    task = create(api, **{k: v for k, v in FULL_TASK.items() if k != "subject"})
+    time.sleep(0.002)
+    updated = api.patch_json("/tasks/" + task["id"], {field: value, "unknown": 1},
+                             headers=HEADERS, status=200).json
+    expected = dict(task, **{field: value})
+    assert {k: v for k, v in updated.items() if k != "updatedAt"} == \
+        {k: v for k, v in expected.items() if k != "updatedAt"}
+    assert updated["updatedAt"] > task["updatedAt"]
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == updated
+
+
+def test_patch_can_change_fields_and_complete_together(api):
+    task = create(api)
+    updated = api.patch_json("/tasks/" + task["id"], {"subject": "Done call", "completed": True},
+                             headers=HEADERS, status=200).json
+    assert updated["subject"] == "Done call" and updated["completed"] is True
+
+
+def test_patch_unknown_task_is_a_404(api):
+    response = api.patch_json("/tasks/task-nope", {"completed": True}, headers=HEADERS,
+                              status=404)
+    assert_error(response, 404, title="Task not found", mentions=["task-nope"])
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ({}, ["no known field"]),
+    ({"completedAt": "2024-01-01T00:00:00Z"}, ["no known field"]),
+    ({"id": "task-other", "createdAt": "x"}, ["no known field"]),
+    ({"completed": "true"}, ["completed"]),
+    ({"completed": 1}, ["completed"]),
+    ({"completed": None}, ["completed"]),
+    ({"subject": ""}, ["subject"]),
+    ({"subject": None}, ["subject"]),
+    ({"ownerId": 7}, ["ownerId"]),
+    ({"dueDate": "next week"}, ["dueDate"]),
+])
+def test_invalid_patch_is_a_400_and_changes_nothing(api, body, mentions):
+    task = create(api)
+    response = api.patch_json("/tasks/" + task["id"], body, headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=mentions)
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
+
+
+def test_patch_with_a_non_object_body_is_a_400(api):
+    task = create(api)
+    response = api.patch("/tasks/" + task["id"], b"[true]", status=400,
+                         headers={**HEADERS, "Content-Type": "application/json"})
+    assert_error(response, 400)
+
+
+# -- batches -------------------------------------------------------------------------
+
+def test_batch_get_keeps_request_order_drops_duplicates_and_missing(api):
+    a, b, c = (create(api, subject=s)["id"] for s in "abc")
+    response = api.post_json("/tasks/batch", {"ids": [c, "task-missing", a, c, b, a]},
+                             headers=HEADERS, status=200)
+    tasks = response.json
+    assert [t["id"] for t in tasks] == [c, a, b]
+    assert all(set(t) == TASK_KEYS for t in tasks)
+    assert [t["subject"] for t in tasks] == ["c", "a", "b"]
+
+
+@pytest.mark.parametrize("ids", [[], ["task-missing", "batch", ""]])
+def test_batch_get_of_nothing_found_is_an_empty_array(api, ids):
+    assert api.post_json("/tasks/batch", {"ids": ids}, headers=HEADERS, status=200).json == []
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ({}, ["ids"]), ({"ids": "task-1"}, ["ids"]), ({"ids": None}, ["ids"]),
+    ({"ids": ["task-1", 2]}, ["ids[1]"]), ({"ids": [["task-1"]]}, ["ids[0]"]),
+    (["task-1"], ["ids"]),
+])
+def test_batch_get_with_bad_ids_is_a_400(api, body, mentions):
+    response = api.post_json("/tasks/batch", body, headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=mentions)
+
+
+def test_batch_complete_completes_in_request_order_and_keeps_first_completed_at(api):
+    a, b, c = (create(api)["id"] for _ in range(3))
+    first = api.patch_json("/tasks/" + a, {"completed": True}, headers=HEADERS).json
+    time.sleep(0.01)
+    tasks = api.patch_json("/tasks/batch", {"ids": [b, "task-missing", a, b, c],
+                                            "completed": True},
+                           headers=HEADERS, status=200).json
+    assert [t["id"] for t in tasks] == [b, a, c]
+    assert all(t["completed"] is True and t["completedAt"] for t in tasks)
+    assert tasks[1]["completedAt"] == first["completedAt"]
+    assert tasks[1]["updatedAt"] == first["updatedAt"]
+    assert tasks[0]["completedAt"] == tasks[2]["completedAt"] != first["completedAt"]
+
+
+def test_batch_complete_false_reopens(api):
+    a, b = (create(api)["id"] for _ in range(2))
+    api.patch_json("/tasks/batch", {"ids": [a, b], "completed": True}, headers=HEADERS)
+    tasks = api.patch_json("/tasks/batch", {"ids": [a], "completed": False},
+                           headers=HEADERS, status=200).json
+    assert [(t["id"], t["completed"], t["completedAt"]) for t in tasks] == [(a, False, None)]
+    assert api.get("/tasks/" + b, headers=HEADERS).json["completed"] is True
+
+
+@pytest.mark.parametrize("body, mentions", [
+    ({"ids": ["task-1"]}, ["completed"]),
+    ({"ids": ["task-1"], "completed": "yes"}, ["completed"]),
+    ({"ids": ["task-1"], "completed": None}, ["completed"]),
+    ({"completed": True}, ["ids"]),
+    ({"ids": [1], "completed": True}, ["ids[0]"]),
+])
+def test_batch_complete_with_bad_body_is_a_400_and_changes_nothing(api, body, mentions):
+    task = create(api)
+    body = json.loads(json.dumps(body).replace("task-1", task["id"]))
+    response = api.patch_json("/tasks/batch", body, headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=mentions)
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
+
+
+def test_batch_complete_is_one_transaction(api, store, monkeypatch):
+    a, b = (create(api)["id"] for _ in range(2))
+
+    # The UPDATE runs, then the read-back in the same transaction fails.
+    monkeypatch.setattr(genesy_tasks, "_SELECT_MANY", "SELECT * FROM no_such_table WHERE ?")
+    response = api.patch_json("/tasks/batch", {"ids": [a, b], "completed": True},
+                              headers=HEADERS, expect_errors=True)
+    assert_error(response, 503)
+    monkeypatch.undo()
+    assert [t["completed"] for t in store.get_many([a, b])] == [False, False]
+
+
+def test_batch_paths_never_reach_the_single_task_handlers(api, store):
+    # Genesy's own example server routes PATCH /tasks/batch to PATCH /tasks/:id.
+    store.create({"subject": "x"})
+    response = api.patch_json("/tasks/batch", {"completed": True}, headers=HEADERS, status=400)
+    assert_error(response, 400, mentions=["ids"])
+    response = api.get("/tasks/batch", headers=HEADERS, status=405)
+    assert_error(response, 405, mentions=["/tasks/batch"])
+    assert sorted(response.headers["Allow"].split(",")) == ["PATCH", "POST"]
+
+
+def _seed(store, count):
+    conn = store._connection()
+    ms, now = genesy_tasks._now()
+    rows = [("task-seed-%06d" % n, "Seeded %d" % n, now, now) for n in range(count)]
+    with store._write():
+        conn.executemany("INSERT INTO genesy_tasks (id, subject, created_at, updated_at) "
+                         "VALUES (?, ?, ?, ?)", rows)
+    return [row[0] for row in rows]
+
+
+def test_batches_of_10000_ids_work_beyond_sqlites_parameter_limit(api, store):
+    ids = _seed(store, 10_000)
+    # Lower the bound-parameter limit far below the batch size.
+    store._connection().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
+    ids = ids[::-1]
+    tasks = api.post_json("/tasks/batch", {"ids": ids}, headers=HEADERS, status=200).json
+    assert [t["id"] for t in tasks] == ids
+    tasks = api.patch_json("/tasks/batch", {"ids": ids, "completed": True},
+                           headers=HEADERS, status=200).json
+    assert len(tasks) == 10_000 and all(t["completed"] for t in tasks)
+
+
+def test_a_batch_over_the_maximum_is_a_413(api, store, db_path):
+    ids = ["task-%d" % n for n in range(10_001)]
+    for method in (api.post_json, api.patch_json):
+        response = method("/tasks/batch", {"ids": ids, "completed": True}, headers=HEADERS,
+                          status=413)
+        assert_error(response, 413, mentions=["10001", "10000"])
+    small = webtest.TestApp(make_app(store, api_keys=KEY, max_batch=3))
+    small.post_json("/tasks/batch", {"ids": ["a", "b", "c"]}, headers=HEADERS, status=200)
+    small.post_json("/tasks/batch", {"ids": ["a", "b", "c", "d"]}, headers=HEADERS, status=413)
+
+
+def test_a_body_over_the_limit_is_a_413_and_changes_nothing(store):
+    small = webtest.TestApp(make_app(store, api_keys=KEY, max_body=100))
+    response = small.post_json("/tasks", {"subject": "x" * 200}, headers=HEADERS, status=413)
+    assert_error(response, 413, mentions=["100 bytes"])
+    small.post_json("/tasks", {"subject": "x" * 50}, headers=HEADERS, status=201)
+    assert store.count() == 1
+
+
+def test_the_default_body_limit_fits_a_maximal_batch():
+    ids = ["t" * 200] * genesy_tasks.DEFAULT_MAX_BATCH
+    assert len(json.dumps({"ids": ids, "completed": True})) < genesy_tasks.DEFAULT_MAX_BODY
+
+
+# -- health, routing, authentication ----------------------------------------------------
+
+def test_health_is_200_ok_for_a_valid_key(api):
+    response = api.get("/health", headers=HEADERS, status=200)
+    assert response.json == {"status": "ok"}
+    assert response.content_type == "application/json"
+
+
+ROUTES = [
+    ("GET", "/health", None), ("POST", "/tasks", {"subject": "x"}),
+    ("GET", "/tasks/task-x", None), ("PATCH", "/tasks/task-x", {"completed": True}),
+    ("POST", "/tasks/batch", {"ids": []}), ("PATCH", "/tasks/batch", {"ids": [], "completed": True}),
+]
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES)
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""},
+                                     {"X-API-Key": KEY + "x"}, {"x-api-key": KEY[:-1]},
+                                     {"Authorization": KEY}, {"X-API-Key": "ключ"}])
+def test_every_route_is_401_without_a_valid_key(api, store, method, path, body, headers):
+    response = api.request(path, method=method, headers=headers, expect_errors=True,
+                           body=json.dumps(body).encode() if body else b"",
+                           content_type="application/json" if body else None)
+    assert_error(response, 401, title="Unauthorized", mentions=["X-API-Key"])
+    assert store.count() == 0
+
+
+def test_header_names_are_case_insensitive(api):
+    api.get("/health", headers={"x-api-key": KEY}, status=200)
+
+
+def test_several_keys_are_accepted_for_rotation(db_path):
+    rotating = webtest.TestApp(make_app(db_path, api_keys=" old-key , new-key,, "))
+    for key in ("old-key", "new-key"):
+        rotating.get("/health", headers={"X-API-Key": key}, status=200)
+    for key in ("", " old-key", "old-key,new-key", "other"):
+        rotating.get("/health", headers={"X-API-Key": key}, status=401)
+
+
+def test_the_key_header_is_configurable(db_path):
+    custom = webtest.TestApp(make_app(db_path, api_keys=KEY, header="X-Genesy-Secret"))
+    custom.get("/health", headers={"X-Genesy-Secret": KEY}, status=200)
+    response = custom.get("/health", headers={"X-API-Key": KEY}, status=401)
+    assert_error(response, 401, mentions=["X-Genesy-Secret"])
+
+
+@pytest.mark.parametrize("header", ["", "X API Key", "X-Key:", "Content-Length"])
+def test_an_invalid_key_header_name_is_refused(db_path, header):
+    with pytest.raises(ValueError):
+        make_app(db_path, api_keys=KEY, header=header)
+
+
+def test_without_keys_a_strong_key_is_generated_and_kept_in_the_database(db_path):
+    first = make_app(db_path, api_keys="  ")
+    key = first.store.generated_api_key()
+    first.close()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", key)
+    second = make_app(db_path, api_keys=None)
+    assert second.store.generated_api_key() == key
+    client = webtest.TestApp(second)
+    client.get("/health", headers={"X-API-Key": key}, status=200)
+    client.get("/health", status=401)
+    second.close()
+    other = TaskStore(os.path.join(os.path.dirname(db_path), "other.db"))
+    assert other.generated_api_key() != key
+    other.close()
+
+
+def test_unknown_routes_are_json_404s(api):
+    for path in ("/", "/task", "/tasks/", "/tasks/a/b", "/users"):
+        response = api.get(path, headers=HEADERS, status=404)
+        assert_error(response, 404, mentions=[path])
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/tasks", ["POST"]), ("PUT", "/tasks/task-1", ["GET", "PATCH"]),
+    ("DELETE", "/tasks/batch", ["PATCH", "POST"]), ("POST", "/health", ["GET"]),
+    ("POST", "/tasks/task-1", ["GET", "PATCH"]),
+])
+def test_a_wrong_method_is_a_405_with_allow(api, method, path, allowed):
+    response = api.request(path, method=method, headers=HEADERS, expect_errors=True)
+    assert_error(response, 405, mentions=[method, path])
+    assert sorted(set(response.headers["Allow"].split(",")) - {"HEAD"}) == allowed
+
+
+def test_an_unexpected_failure_is_a_json_500_and_is_logged(api, store, monkeypatch):
+    def explode(task_id):
+        raise ZeroDivisionError("secret internals")
+
+    monkeypatch.setattr(store, "get", explode)
+    response = api.get("/tasks/task-1", headers=HEADERS, expect_errors=True)
+    body = assert_error(response, 500)
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert "ZeroDivisionError: secret internals" in response.errors
+
+
+def test_a_locked_database_is_a_503_and_the_server_recovers(db_path, api):
+    quick = webtest.TestApp(make_app(TaskStore(db_path, busy_timeout=0.05), api_keys=KEY))
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        # Opening needs no write lock once the schema exists.
+        TaskStore(db_path, busy_timeout=0.05).close()
+        response = quick.post_json("/tasks", {"subject": "x"}, headers=HEADERS,
+                                   expect_errors=True)
+        assert_error(response, 503, mentions=["retry"])
+        assert response.headers["Retry-After"] == "1"
+        assert "storage unavailable: database is locked" in response.errors
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    quick.post_json("/tasks", {"subject": "x"}, headers=HEADERS, status=201)
+
+
+def test_responses_carry_nosniff(api):
+    for response in (api.get("/health", headers=HEADERS),
+                     api.get("/health", status=401),
+                     api.get("/nowhere", headers=HEADERS, status=404)):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+# -- storage -------------------------------------------------------------------------------
+
+def test_store_api_returns_plain_dicts_in_the_json_shape(db_path):
+    with TaskStore(db_path) as store:
+        task = store.create({"subject": "Call", "ownerId": "u1", "id": "ignored"})
+        assert set(task) == TASK_KEYS and task["ownerId"] == "u1"
+        assert store.get(task["id"]) == task
+        assert store.get("task-missing") is None and store.get(None) is None
+        done = store.update(task["id"], {"completed": True})
+        assert done["completed"] is True
+        assert store.update("task-missing", {"completed": True}) is None
+        assert store.get_many([task["id"], "nope"]) == [done]
+        assert store.set_completed_many([task["id"]], False)[0]["completed"] is False
+        with pytest.raises(TaskValidationError):
+            store.create({"subject": ""})
+        with pytest.raises(TaskValidationError):
+            store.update(task["id"], {"nothing": 1})
+        with pytest.raises(TaskValidationError):
+            store.get_many("task-1")
+        with pytest.raises(TaskValidationError):
+            store.set_completed_many([task["id"]], "yes")
+        assert json.loads(json.dumps(store.get(task["id"]))) == store.get(task["id"])
+
+
+def test_tasks_persist_across_reopening(db_path):
+    first = webtest.TestApp(make_app(db_path, api_keys=KEY))
+    task = first.post_json("/tasks", FULL_TASK, headers=HEADERS).json
+    first.app.close()
+    second = make_app(db_path, api_keys=KEY)
+    assert webtest.TestApp(second).get("/tasks/" + task["id"], headers=HEADERS).json == task
+    second.close()
+
+
+def test_the_store_uses_wal_and_namespaced_tables_beside_a_crms_own(db_path):
+    crm = sqlite3.connect(db_path)
+    crm.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT)")
+    crm.execute("INSERT INTO tasks (title) VALUES ('the CRM''s own task')")
+    crm.commit()
+    with TaskStore(db_path) as store:
+        store.create({"subject": "Genesy's task"})
+    tables = {row[0] for row in crm.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"tasks", "genesy_tasks", "genesy_meta"}
+    assert crm.execute("SELECT title FROM tasks").fetchall() == [("the CRM's own task",)]
+    assert crm.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert crm.execute("SELECT value FROM genesy_meta WHERE key = 'schema_version'"
+                       ).fetchone()[0] == str(genesy_tasks.SCHEMA_VERSION)
+    indexed = {row[0] for row in crm.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'genesy_tasks'")}
+    assert {"genesy_tasks_owner", "genesy_tasks_contact", "genesy_tasks_company"} <= indexed
+    plan = " ".join(str(row) for row in crm.execute(
+        "EXPLAIN QUERY PLAN " + genesy_tasks._SELECT_MANY, ('["a"]',)))
+    assert "USING INDEX" in plan and "SCAN genesy_tasks" not in plan
+    crm.close()
+
+
+def test_a_new_database_file_is_private_to_its_owner(db_path):
+    TaskStore(db_path).close()
+    assert os.stat(db_path).st_mode & 0o777 == 0o600
+
+
+def test_a_database_from_a_newer_release_is_refused(db_path):
+    TaskStore(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE genesy_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(genesy_tasks.StorageError, match="newer"):
+        TaskStore(db_path)
+
+
+def test_concurrent_writers_lose_nothing_and_never_see_locked(db_path, tasks_app):
+    client = webtest.TestApp(tasks_app)
+    other_process_like = [TaskStore(db_path) for _ in range(2)]
+    errors = []
+    per_thread = 40
+
+    def through_http(n):
+        try:
+            for i in range(per_thread):
+                client.post_json("/tasks", {"subject": "http %d-%d" % (n, i)},
+                                 headers=HEADERS, status=201)
+        except Exception as error:  # collected, then asserted below
+            errors.append(error)
+
+    def through_store(store, n):
+        try:
+            for i in range(per_thread):
+                task = store.create({"subject": "store %d-%d" % (n, i)})
+                store.update(task["id"], {"completed": True})
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=through_http, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=through_store, args=(other_process_like[n % 2], n))
+                for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert tasks_app.store.count() == 8 * per_thread
+    for store in other_process_like:
+        store.close()
+
+
+# -- embedding ------------------------------------------------------------------------------
+
+def test_the_app_mounts_inside_a_crms_bottle_app(db_path):
+    crm = bottle.Bottle()
+
+    @crm.get("/contacts")
+    def contacts():
+        return {"contacts": []}
+
+    crm.mount("/genesy/", make_app(db_path, api_keys=KEY))
+    client = webtest.TestApp(crm)
+    response = client.post_json("/genesy/tasks", {"subject": "x"}, headers=HEADERS, status=201)
+    assert response.headers["Location"] == "/genesy/tasks/" + response.json["id"]
+    client.get(response.headers["Location"], headers=HEADERS, status=200)
+    client.post_json("/genesy/tasks/batch", {"ids": [response.json["id"]]}, headers=HEADERS,
+                     status=200)
+    client.get("/genesy/health", status=401)
+    assert client.get("/contacts", status=200).json == {"contacts": []}
+
+
+def test_importing_the_module_creates_no_file(tmp_path):
+    subprocess.run([sys.executable, "-c", "import genesy_tasks; genesy_tasks.app"],
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE}, check=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_module_level_app_is_built_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("GENESY_API_KEY", "k1, k2")
+    monkeypatch.setenv("GENESY_API_KEY_HEADER", "X-Secret")
+    lazy = genesy_tasks._LazyApp()
+    assert not (tmp_path / "env.db").exists()
+    client = webtest.TestApp(lazy)
+    client.get("/health", headers={"X-Secret": "k2"}, status=200)
+    client.get("/health", headers={"X-API-Key": "k1"}, status=401)
+    assert (tmp_path / "env.db").exists()
+    lazy._app.close()
+
+
+# -- the example database ----------------------------------------------------------------------
+
+EXAMPLE_IDS = {  # as listed in the README
+    "task-01a2244cab3fc2c1aeaf91dc280a15eb": False,  # Follow up with John
+    "task-01a2244cab3f2148621ff8c008eb0faf": True,   # Send proposal
+    "task-01a2244cab40852edf7c9c65e4b1df97": False,  # Book a demo with Acme
+}
+
+
+def test_the_example_database_holds_the_readme_tasks(tmp_path):
+    copy = tmp_path / "tasks.db"
+    with open(os.path.join(HERE, "tasks.db.example"), "rb") as example:
+        copy.write_bytes(example.read())
+    with TaskStore(str(copy)) as store:
+        assert store.count() == len(EXAMPLE_IDS)
+        tasks = store.get_many(list(EXAMPLE_IDS))
+        assert {t["id"]: t["completed"] for t in tasks} == EXAMPLE_IDS
+        assert tasks[0]["subject"] == "Follow up with John"
+        # A copied example must never share a known API key.
+        conn = store._connection()
+        assert conn.execute("SELECT count(*) FROM genesy_meta WHERE key = 'api_key'"
+                            ).fetchone()[0] == 0
+
+
+# -- the real server ------------------------------------------------------------------------------
+
+class Server:
+    """``python genesy_tasks.py`` as a process, on a free port."""
+
+    def __init__(self, tmp_path, *args, env=None, db=None):
+        self.db = db or str(tmp_path / "server.db")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("GENESY_")}
+        environment.update(env if env is not None else {"GENESY_API_KEY": KEY})
+        self.stderr_path = tmp_path / ("stderr-%d.log" % time.monotonic_ns())
+        self.stderr = open(self.stderr_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, MODULE, "--port", "0", "--db", self.db, *args],
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=environment,
+            cwd=str(tmp_path))
+        self.banner = [self.process.stdout.readline()]
+        match = re.search(r"serving http://([\d.]+):(\d+)", self.banner[0])
+        assert match, self.banner
+        self.host, self.port = match.group(1), int(match.group(2))
+        self.banner.append(self.process.stdout.readline())
+        if not environment.get("GENESY_API_KEY", "").strip():
+            self.banner.append(self.process.stdout.readline())
+
+    def connect(self, timeout=5):
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=HEADERS, conn=None):
+        conn = conn or self.connect()
+        data = json.dumps(body).encode() if body is not None else None
+        all_headers = dict(headers)
+        if data is not None:
+            all_headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=all_headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+
+    def raw(self, data, read_timeout=5):
+        with socket.create_connection((self.host, self.port), timeout=read_timeout) as sock:
+            sock.sendall(data)
+            return _read_all(sock)
+
+    def stop(self, signum=signal.SIGTERM):
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        code = self.process.wait(timeout=15)
+        self.stderr.close()
+        return code
+
+    def log(self):
+        if not self.stderr.closed:
+            self.stderr.flush()
+        return self.stderr_path.read_text()
+
+
+def _read_all(sock):
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = Server(tmp_path)
+    yield running
+    running.stop()
+
+
+def test_the_command_line_serves_and_stops_cleanly_on_sigterm(tmp_path):
+    running = Server(tmp_path)
+    assert "API key header: X-API-Key" in running.banner[1]
+    assert KEY not in "".join(running.banner)
+    status, headers, body = running.request("POST", "/tasks", {"subject": "over the wire"})
+    assert status == 201 and headers["Location"] == "/tasks/" + body["id"]
+    assert running.request("GET", "/health")[:1] == (200,)
+    assert running.stop(signal.SIGTERM) == 0
+    log = running.log()
+    assert re.search(r"POST /tasks 201 [\d.]+ms", log)
+    assert re.search(r"GET /health 200 [\d.]+ms", log)
+    assert KEY not in log and "over the wire" not in log
+    with TaskStore(running.db) as store:
+        assert store.get(body["id"])["subject"] == "over the wire"
+
+
+def test_sigint_also_stops_cleanly(tmp_path):
+    running = Server(tmp_path)
+    assert running.request("GET", "/health")[0] == 200
+    assert running.stop(signal.SIGINT) == 0
+
+
+def test_a_generated_key_is_printed_at_every_start_and_reused(tmp_path):
+    first = Server(tmp_path, env={})
+    key = re.search(r"API key: (\S+)", first.banner[2]).group(1)
+    assert first.request("GET", "/health", headers={"X-API-Key": key})[0] == 200
+    assert first.stop() == 0
+    assert key not in first.log()
+    second = Server(tmp_path, env={"GENESY_API_KEY": "  "}, db=first.db)
+    assert re.search(r"API key: (\S+)", second.banner[2]).group(1) == key
+    second.stop()
+
+
+def test_the_server_keeps_connections_alive(server):
+    conn = server.connect()
+    for _ in range(3):
+        status, headers, _ = server.request("GET", "/health", conn=conn)
+        assert status == 200 and headers.get("Connection") != "close"
+    sock = conn.sock
+    server.request("POST", "/tasks", {"subject": "same connection"}, conn=conn)
+    assert conn.sock is sock
+
+
+def test_a_stalled_client_blocks_nobody(server):
+    stalled = socket.create_connection((server.host, server.port))
+    stalled.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"sub")
+    half_head = socket.create_connection((server.host, server.port))
+    half_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    for _ in range(5):
+        assert server.request("GET", "/health")[0] == 200
+    assert time.monotonic() - started < 2
+    stalled.close()
+    half_head.close()
+
+
+def test_a_body_over_the_limit_is_a_readable_413_and_the_server_keeps_serving(tmp_path):
+    running = Server(tmp_path, "--max-body", "1000")
+    reply = running.raw(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 5000000\r\n\r\n"
+                        + b"x" * 20000)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in head
+    assert json.loads(body)["error"] == "Payload too large"
+    assert running.request("POST", "/tasks", {"subject": "fits"})[0] == 201
+    assert running.stop() == 0
+
+
+def test_chunked_and_pipelined_requests_are_understood(server):
+    body = json.dumps({"subject": "chunked"}).encode()
+    chunked = (b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"X-API-Key: " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n" % 5 + body[:5] + b"\r\n" + b"%x\r\n" % (len(body) - 5) + body[5:]
+               + b"\r\n0\r\n\r\n")
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n"
+    last = (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: "
+            + KEY.encode() + b"\r\n\r\n")
+    reply = server.raw(chunked + health + last)
+    assert reply.count(b"HTTP/1.1 201 Created") == 1
+    assert reply.count(b"HTTP/1.1 200 OK") == 2
+    assert b'"subject":"chunked"' in reply
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"NONSENSE\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nBad header line\r\n\r\n", b"400"),
+    (b"GET /health HTTP/2.0\r\n\r\n", b"505"),
+    (b"POST /tasks HTTP/1.1\r\nContent-Length: abc\r\n\r\n", b"400"),
+    (b"POST /tasks HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+])
+def test_malformed_http_gets_a_json_error_not_a_crash(server, request_bytes, status):
+    reply = server.raw(request_bytes)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status)
+    assert set(json.loads(body)) == {"error", "message"}
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_an_acknowledged_task_survives_kill_9(tmp_path):
+    running = Server(tmp_path)
+    acknowledged = []
+    conn = running.connect()
+    for n in range(50):
+        status, _, task = running.request("POST", "/tasks", {"subject": "durable %d" % n},
+                                          conn=conn)
+        assert status == 201
+        acknowledged.append(task["id"])
+    status, _, done = running.request("PATCH", "/tasks/batch",
+                                      {"ids": acknowledged[:10], "completed": True}, conn=conn)
+    assert status == 200 and len(done) == 10
+    running.process.kill()
+    running.process.wait(timeout=10)
+    running.stderr.close()
+    again = Server(tmp_path, db=running.db)
+    status, _, tasks = again.request("POST", "/tasks/batch", {"ids": acknowledged})
+    assert [t["id"] for t in tasks] == acknowledged
+    assert [t["completed"] for t in tasks] == [True] * 10 + [False] * 40
+    assert again.stop() == 0
+
+
+@pytest.mark.parametrize("make_bad_path, words", [
+    (lambda tmp: str(tmp / "missing" / "tasks.db"), ["does not exist"]),
+    (lambda tmp: (tmp / "junk.db").write_bytes(b"not a database at all" * 100) and
+     str(tmp / "junk.db"), ["not a database"]),
+    (lambda tmp: str(tmp), ["unable to open"]),
+    (lambda tmp: "/proc/genesy-tasks.db", ["cannot create"]),
+])
+def test_a_bad_db_path_fails_at_start_with_one_clear_line(tmp_path, make_bad_path, words):
+    result = subprocess.run([sys.executable, MODULE, "--db", make_bad_path(tmp_path),
+                             "--port", "0"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "GENESY_API_KEY": KEY})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_flags_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("GENESY_TASKS_HOST", "0.0.0.0")
+    monkeypatch.setenv("GENESY_TASKS_PORT", "9000")
+    monkeypatch.setenv("GENESY_TASKS_DB", "env.db")
+    args = genesy_tasks._build_parser().parse_args([])
+    assert (args.host, args.port, args.db) == ("0.0.0.0", 9000, "env.db")
+    args = genesy_tasks._build_parser().parse_args(["--port", "9100", "--db", "flag.db"])
+    assert (args.host, args.port, args.db) == ("0.0.0.0", 9100, "flag.db")
+    monkeypatch.setenv("GENESY_TASKS_PORT", "eighty")
+    with pytest.raises(SystemExit):
+        genesy_tasks._build_parser().parse_args([])
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        genesy_tasks.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--host", "--port", "--db", "--max-batch", "--max-body",
+                 "GENESY_TASKS_HOST", "GENESY_TASKS_PORT", "GENESY_TASKS_DB",
+                 "GENESY_API_KEY", "GENESY_API_KEY_HEADER", "127.0.0.1", "8080", "tasks.db"):
+        assert word in text
