@@ -941,3 +941,43 @@ def test_help_documents_every_option(capsys):
                  "GENESY_TASKS_HOST", "GENESY_TASKS_PORT", "GENESY_TASKS_DB",
                  "GENESY_API_KEY", "GENESY_API_KEY_HEADER", "127.0.0.1", "8080", "tasks.db"):
         assert word in text
+
+
+def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
+    running = Server(tmp_path)
+    body = json.dumps({"subject": "in flight"}).encode()
+    with socket.create_connection((running.host, running.port), timeout=10) as sock:
+        sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body[:5])
+        time.sleep(0.3)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert running.process.poll() is None
+        sock.sendall(body[5:])
+        reply = _read_all(sock)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 201 ") and b"Connection: close" in head
+    assert running.stop() == 0
+    with TaskStore(running.db) as store:
+        assert store.get(json.loads(payload)["id"])["subject"] == "in flight"
+
+
+def test_expect_100_continue_is_answered(server):
+    body = json.dumps({"subject": "large upload"}).encode()
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-API-Key: " + KEY.encode() + b"\r\nExpect: 100-continue\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 201 ")
+
+
+def test_head_requests_get_headers_only(server):
+    reply = server.raw(b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: "
+                       + KEY.encode() + b"\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 15" in head
+    assert body == b""
