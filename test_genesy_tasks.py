@@ -785,6 +785,8 @@ def test_the_command_line_serves_and_stops_cleanly_on_sigterm(tmp_path):
     assert status == 201 and headers["Location"] == "/tasks/" + body["id"]
     assert running.request("GET", "/health")[:1] == (200,)
     assert running.stop(signal.SIGTERM) == 0
+    # The database was closed: the last connection checkpointed and removed the WAL.
+    assert not os.path.exists(running.db + "-wal")
     log = running.log()
     assert re.search(r"POST /tasks 201 [\d.]+ms", log)
     assert re.search(r"GET /health 200 [\d.]+ms", log)
