@@ -233,21 +233,17 @@ _INSERT = (
     "contact_id, company_id, completed_at, created_at, updated_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)"
 )
-_UPDATE_ONE = (
-    "UPDATE genesy_tasks SET subject = ?, description = ?, type = ?, owner_id = ?, "
-    "due_date = ?, contact_id = ?, company_id = ?, completed_at = ?, updated_at = ? "
-    "WHERE id = ?"
+# Writes read the rows first, with their rowid (seq), and then update by rowid:
+# no second id lookup, and only columns that change, so untouched indexes stay
+# untouched.
+_SELECT_ONE_FOR_UPDATE = "SELECT %s, seq FROM genesy_tasks WHERE id = ?" % _COLUMNS
+_SELECT_MANY_FOR_UPDATE = (
+    "SELECT %s, seq FROM genesy_tasks WHERE id IN (SELECT value FROM json_each(?))" % _COLUMNS)
+_SET_COMPLETED_MANY = (
+    "UPDATE genesy_tasks SET completed_at = ?, updated_at = ? "
+    "WHERE seq IN (SELECT value FROM json_each(?))"
 )
-# Only tasks whose state changes are touched: a retried completion keeps its
-# first completedAt and its updatedAt.
-_COMPLETE_MANY = (
-    "UPDATE genesy_tasks SET completed_at = ?1, updated_at = ?1 "
-    "WHERE id IN (SELECT value FROM json_each(?2)) AND completed_at IS NULL"
-)
-_REOPEN_MANY = (
-    "UPDATE genesy_tasks SET completed_at = NULL, updated_at = ?1 "
-    "WHERE id IN (SELECT value FROM json_each(?2)) AND completed_at IS NOT NULL"
-)
+_UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
 
 
 def _task(row):
@@ -256,10 +252,9 @@ def _task(row):
     return task
 
 
-def _in_request_order(ids, rows):
-    """Tasks from ``rows`` in the order their ids first appear in ``ids``, once each."""
-    found = {row[0]: row for row in rows}
-    return [_task(found.pop(task_id)) for task_id in ids if task_id in found]
+def _in_request_order(ids, found):
+    """The tasks of ``found`` (by id) in the order their ids first appear in ``ids``, once each."""
+    return [found.pop(task_id) for task_id in ids if task_id in found]
 
 
 class TaskStore:
@@ -271,18 +266,31 @@ class TaskStore:
     and returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
     """
 
-    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
+    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT, background_checkpoints=False):
+        """
+        :param busy_timeout: seconds a write waits for another writer's lock.
+        :param background_checkpoints: copy the WAL back into the database from
+            a thread of the store's own instead of at the end of a write
+            transaction every 1,000 pages; halves the cost of small writes.
+        """
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
+        self.background_checkpoints = background_checkpoints
         self._local = threading.local()
         self._connections = []
         self._connections_lock = threading.Lock()
+        self._checkpointer = None
+        self._closing = threading.Event()
         self._create_file()
         try:
             self._migrate(self._connection())
         except sqlite3.Error as error:
             self.close()
             raise StorageError("cannot use database %r: %s" % (self.path, error)) from error
+        if background_checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="genesy-tasks-checkpointer", daemon=True)
+            self._checkpointer.start()
 
     # -- connections and transactions ---------------------------------------
 
@@ -317,6 +325,8 @@ class TaskStore:
                 # once, so it survives a crash of this process; only a power
                 # loss can take the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
+                if self.background_checkpoints:
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
             except BaseException:
                 conn.close()
                 raise
@@ -366,8 +376,27 @@ class TaskStore:
             return None  # no genesy_meta table yet
         return None if row is None else int(row[0])
 
+    def _checkpoint_loop(self, interval=0.1):
+        # sqlite3 releases the GIL while SQLite works, so the copying runs
+        # beside the requests instead of inside one of them. PASSIVE never
+        # waits for readers or writers; what it cannot copy now, it copies later.
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            while not self._closing.wait(interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as error:
+                    sys.stderr.write("genesy-tasks: checkpoint failed: %s\n" % error)
+        finally:
+            conn.close()
+
     def close(self):
         """Close every connection this store opened, in any thread."""
+        self._closing.set()
+        if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
+            self._checkpointer.join()
+            self._checkpointer = None
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -409,6 +438,20 @@ class TaskStore:
             "createdAt": now, "updatedAt": now,
         }
 
+    def create_many(self, tasks):
+        """Create many tasks in one transaction (an import); return their ids in order."""
+        rows = []
+        ids = []
+        for fields in tasks:
+            task = validate_new_task(fields)
+            ms, now = _now()
+            task_id = new_task_id(ms)
+            ids.append(task_id)
+            rows.append((task_id,) + tuple(task.values()) + (now, now))
+        with self._write() as conn:
+            conn.executemany(_INSERT, rows)
+        return ids
+
     def get(self, task_id):
         """The task with this id, or None."""
         if not isinstance(task_id, str):
@@ -426,7 +469,7 @@ class TaskStore:
         if not isinstance(task_id, str):
             return None
         with self._write() as conn:
-            row = conn.execute(_SELECT_ONE, (task_id,)).fetchone()
+            row = conn.execute(_SELECT_ONE_FOR_UPDATE, (task_id,)).fetchone()
             if row is None:
                 return None
             task = _task(row)
@@ -439,11 +482,14 @@ class TaskStore:
                     updated["completed"], updated["completedAt"] = True, now
                 elif not value:
                     updated["completed"], updated["completedAt"] = False, None
-            if updated == task:
+            changed = [name for name in _UPDATABLE_COLUMNS if updated[name] != task[name]]
+            if not changed:
                 return task
             updated["updatedAt"] = now
-            conn.execute(_UPDATE_ONE, tuple(updated[name] for name in WRITABLE_FIELDS)
-                         + (updated["completedAt"], now, task_id))
+            conn.execute(
+                "UPDATE genesy_tasks SET %s, updated_at = ? WHERE seq = ?"
+                % ", ".join(_UPDATABLE_COLUMNS[name] + " = ?" for name in changed),
+                [updated[name] for name in changed] + [now, row[-1]])
         return updated
 
     def get_many(self, ids):
@@ -452,7 +498,7 @@ class TaskStore:
         if not ids:
             return []
         rows = self._connection().execute(_SELECT_MANY, (json.dumps(ids),)).fetchall()
-        return _in_request_order(ids, rows)
+        return _in_request_order(ids, {row[0]: _task(row) for row in rows})
 
     def set_completed_many(self, ids, completed):
         """Complete (or reopen) these tasks in one transaction; return them like get_many."""
@@ -460,12 +506,22 @@ class TaskStore:
         validate_completed(completed)
         if not ids:
             return []
-        ids_json = json.dumps(ids)
         _, now = _now()
+        completed_at = now if completed else None
         with self._write() as conn:
-            conn.execute(_COMPLETE_MANY if completed else _REOPEN_MANY, (now, ids_json))
-            rows = conn.execute(_SELECT_MANY, (ids_json,)).fetchall()
-        return _in_request_order(ids, rows)
+            rows = conn.execute(_SELECT_MANY_FOR_UPDATE, (json.dumps(ids),)).fetchall()
+            # Only tasks whose state changes are written: a retried completion
+            # keeps its first completedAt and its updatedAt.
+            changing = [row for row in rows if (row[9] is None) == completed]
+            if changing:
+                conn.execute(_SET_COMPLETED_MANY, (completed_at, now,
+                                                   json.dumps([row[-1] for row in changing])))
+            found = {row[0]: _task(row) for row in rows}
+            for row in changing:
+                task = found[row[0]]
+                task["completed"], task["completedAt"], task["updatedAt"] = (
+                    completed, completed_at, now)
+        return _in_request_order(ids, found)
 
     def count(self):
         """How many tasks the store holds."""
@@ -1265,7 +1321,7 @@ def main(argv=None):
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     try:
-        store = TaskStore(args.db)
+        store = TaskStore(args.db, background_checkpoints=True)
     except StorageError as error:
         print("genesy-tasks: %s" % error, file=sys.stderr)
         return 2

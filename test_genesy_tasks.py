@@ -349,11 +349,15 @@ def test_batch_complete_with_bad_body_is_a_400_and_changes_nothing(api, body, me
 def test_batch_complete_is_one_transaction(api, store, monkeypatch):
     a, b = (create(api)["id"] for _ in range(2))
 
-    # The UPDATE runs, then the read-back in the same transaction fails.
-    monkeypatch.setattr(genesy_tasks, "_SELECT_MANY", "SELECT * FROM no_such_table WHERE ?")
+    # The UPDATE runs, then building the answer in the same transaction fails.
+    def fail(row):
+        raise RuntimeError("failure after the UPDATE ran")
+
+    monkeypatch.setattr(genesy_tasks, "_task", fail)
     response = api.patch_json("/tasks/batch", {"ids": [a, b], "completed": True},
                               headers=HEADERS, expect_errors=True)
-    assert_error(response, 503)
+    assert_error(response, 500)
+    assert "failure after the UPDATE ran" in response.errors
     monkeypatch.undo()
     assert [t["completed"] for t in store.get_many([a, b])] == [False, False]
 
@@ -557,6 +561,39 @@ def test_store_api_returns_plain_dicts_in_the_json_shape(db_path):
         with pytest.raises(TaskValidationError):
             store.set_completed_many([task["id"]], "yes")
         assert json.loads(json.dumps(store.get(task["id"]))) == store.get(task["id"])
+
+
+def test_create_many_is_all_or_nothing(db_path):
+    with TaskStore(db_path) as store:
+        ids = store.create_many([{"subject": "one"}, {"subject": "two", "type": "call"}])
+        assert [t["subject"] for t in store.get_many(ids)] == ["one", "two"]
+        with pytest.raises(TaskValidationError, match="subject"):
+            store.create_many([{"subject": "three"}, {"subject": ""}])
+        assert store.count() == 2
+
+
+def test_background_checkpoints_copy_the_wal_into_the_database(db_path, tmp_path):
+    with TaskStore(db_path, background_checkpoints=True) as store:
+        conn = store._connection()
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        ids = [store.create({"subject": "n%d" % n})["id"] for n in range(20)]
+        deadline = time.monotonic() + 5
+        copy = tmp_path / "main-file-only.db"
+        while True:
+            # The main database file alone, without its WAL, holds what was checkpointed.
+            copy.write_bytes(open(db_path, "rb").read())
+            check = sqlite3.connect(str(copy))
+            try:
+                found = check.execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
+            except sqlite3.OperationalError:  # not even the schema was copied yet
+                found = 0
+            finally:
+                check.close()
+            if found == len(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert found == len(ids)
+    assert store._checkpointer is None
 
 
 def test_tasks_persist_across_reopening(db_path):

@@ -1,0 +1,476 @@
+"""Benchmark genesy-tasks against its stack's ceiling, in one run.
+
+    python bench/bench.py            # the full run (about 6 minutes)
+    python bench/bench.py --quick    # a reduced set, under a minute
+
+It seeds databases of 1,000 and 1,000,000 tasks through TaskStore (kept in
+bench/data/ and reused), starts a bare Bottle route on the standard library's
+single-threaded WSGI server as the ceiling, then starts the real server as
+users do (``python genesy_tasks.py``) and drives each endpoint with wrk
+(Debian package ``wrk``) at 1, 8 and 64 connections. It prints a table and the
+targets of the performance issue, and writes the same figures as JSON.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import genesy_tasks  # noqa: E402  (the module under test, from this checkout)
+
+DATA = os.path.join(HERE, "data")
+KEY = "bench-key"
+SEED_CHUNK = 20_000
+ID_SAMPLE = 20_000
+
+CEILING = r"""
+import sys, bottle
+app = bottle.Bottle()
+
+@app.get("/health")
+def health():
+    return {"status": "ok"}
+
+bottle.run(app, server="wsgiref", host="127.0.0.1", port=int(sys.argv[1]), quiet=True)
+"""
+
+# wrk scripts. Each gets `ids` (existing task ids) from a generated prelude;
+# done() prints one JSON line with the figures the table needs.
+LUA_COMMON = r"""
+local headers = {["X-API-Key"] = "%s", ["Content-Type"] = "application/json"}
+local counter = 0
+math.randomseed(os.time())
+
+local function pick() return ids[math.random(#ids)] end
+
+local function mixed_ids(n)
+  -- a realistic batch: mostly existing tasks, some missing (deleted in the CRM)
+  local out = {}
+  for i = 1, n do
+    if i %% 5 == 0 then out[i] = '"task-missing-' .. math.random(1e9) .. '"'
+    else out[i] = '"' .. pick() .. '"' end
+  end
+  return "[" .. table.concat(out, ",") .. "]"
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nRESULT {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,' ..
+    '"connect_errors":%%d,"read_errors":%%d,"write_errors":%%d,"status_errors":%%d,' ..
+    '"timeouts":%%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+""" % KEY
+
+LUA_ENDPOINTS = {
+    "GET /health": r"""
+request = function() return wrk.format("GET", "/health", headers) end
+""",
+    "GET /tasks/<id>": r"""
+request = function() return wrk.format("GET", "/tasks/" .. pick(), headers) end
+""",
+    "POST /tasks": r"""
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/tasks", headers, '{"subject":"Follow up ' .. counter ..
+    '","description":"Discuss pricing proposal","type":"call","ownerId":"user-' ..
+    (counter % 50) .. '","dueDate":"2024-01-15T10:00:00Z","contactId":"contact-' ..
+    counter .. '","companyId":"company-' .. (counter % 500) .. '"}')
+end
+""",
+    "PATCH /tasks/<id>": r"""
+request = function()
+  counter = counter + 1
+  return wrk.format("PATCH", "/tasks/" .. pick(), headers,
+    '{"description":"Updated by the benchmark ' .. counter .. '"}')
+end
+""",
+    "POST /tasks/batch 100": r"""
+local bodies = {}
+for i = 1, 32 do bodies[i] = '{"ids":' .. mixed_ids(100) .. '}' end
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/tasks/batch", headers, bodies[counter % #bodies + 1])
+end
+""",
+    "POST /tasks/batch 1000": r"""
+local bodies = {}
+for i = 1, 16 do bodies[i] = '{"ids":' .. mixed_ids(1000) .. '}' end
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/tasks/batch", headers, bodies[counter % #bodies + 1])
+end
+""",
+    "PATCH /tasks/batch 100": r"""
+local bodies = {}
+for i = 1, 32 do
+  -- alternate completing and reopening so that every batch really writes
+  bodies[i] = '{"ids":' .. mixed_ids(100) .. ',"completed":' ..
+    (i % 2 == 0 and "true" or "false") .. '}'
+end
+request = function()
+  counter = counter + 1
+  return wrk.format("PATCH", "/tasks/batch", headers, bodies[counter % #bodies + 1])
+end
+""",
+}
+SINGLE_TASK_ENDPOINTS = ("GET /tasks/<id>", "POST /tasks", "PATCH /tasks/<id>")
+
+
+# -- databases ---------------------------------------------------------------------
+
+def seed_database(size):
+    """A database of ``size`` tasks made through TaskStore, reused when it exists."""
+    os.makedirs(DATA, exist_ok=True)
+    path = os.path.join(DATA, "tasks-%d.db" % size)
+    if os.path.exists(path):
+        with genesy_tasks.TaskStore(path) as store:
+            if store.count() >= size:
+                return path
+        os.remove(path)
+    partial = path + ".partial"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(partial + suffix):
+            os.remove(partial + suffix)
+    started = time.monotonic()
+    rng = random.Random(size)
+    with genesy_tasks.TaskStore(partial) as store:
+        made = 0
+        while made < size:
+            count = min(SEED_CHUNK, size - made)
+            store.create_many(_sample_task(rng, made + n) for n in range(count))
+            made += count
+            print("\r  seeding %s: %d / %d tasks (%.0f s)"
+                  % (os.path.basename(path), made, size, time.monotonic() - started),
+                  end="", flush=True)
+        # A realistic share of tasks is already completed.
+        conn = store._connection()
+        with store._write():
+            conn.execute("UPDATE genesy_tasks SET completed_at = updated_at WHERE seq % 3 = 0")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    print()
+    os.rename(partial, path)
+    return path
+
+
+def _sample_task(rng, n):
+    return {
+        "subject": "Follow up with contact %d" % n,
+        "description": "Discuss the pricing proposal from the last meeting" if n % 2 else None,
+        "type": ("call", "email", "meeting")[n % 3],
+        "ownerId": "user-%d" % rng.randrange(50),
+        "dueDate": "2024-%02d-%02dT10:00:00Z" % (rng.randrange(1, 13), rng.randrange(1, 29)),
+        "contactId": "contact-%d" % rng.randrange(1_000_000),
+        "companyId": "company-%d" % rng.randrange(20_000),
+    }
+
+
+def sample_ids(path, count=ID_SAMPLE):
+    """Existing task ids spread over the whole table, in random order."""
+    with genesy_tasks.TaskStore(path) as store:
+        conn = store._connection()
+        top = conn.execute("SELECT max(seq) FROM genesy_tasks").fetchone()[0]
+        rng = random.Random(42)
+        seqs = sorted({rng.randrange(1, top + 1) for _ in range(count)})
+        found = []
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start:start + 500]
+            found += [row[0] for row in conn.execute(
+                "SELECT id FROM genesy_tasks WHERE seq IN (%s)" % ",".join("?" * len(chunk)),
+                chunk)]
+    rng.shuffle(found)
+    return found
+
+
+# -- processes -------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(port, process, timeout=10.0):
+    """Seconds until a TCP connection and an HTTP answer succeed."""
+    started = time.monotonic()
+    request = ("GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n"
+               % KEY).encode()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError("the server exited with %s" % process.returncode)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(request)
+                if sock.recv(16).startswith(b"HTTP/1."):
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.005)
+    raise RuntimeError("the server did not answer within %g s" % timeout)
+
+
+class Process:
+    def __init__(self, argv, log_path, env=None):
+        self.log = open(log_path, "w")
+        started = time.monotonic()
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log,
+                                      env=env, cwd=ROOT)
+        self.port = int(argv[argv.index("--port") + 1]) if "--port" in argv else int(argv[-1])
+        self.startup = wait_until_serving(self.port, self.popen)
+        self.startup_from_launch = time.monotonic() - started
+
+    def peak_rss_mb(self):
+        with open("/proc/%d/status" % self.popen.pid) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self):
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+        self.log.close()
+
+
+def run_wrk(port, script, connections, seconds):
+    threads = min(connections, 2)
+    args = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % seconds,
+            "--timeout", "5s", "-s", script, "http://127.0.0.1:%d" % port]
+    output = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60).stdout
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            break
+    else:
+        raise RuntimeError("wrk printed no result:\n" + output)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors",
+                                               "status_errors", "timeouts"))
+    return result
+
+
+def write_scripts(directory, ids):
+    prelude = "ids = {%s}\n" % ",".join('"%s"' % i for i in ids)
+    paths = {}
+    for name, body in LUA_ENDPOINTS.items():
+        path = os.path.join(directory, name.replace(" ", "_").replace("/", "_")
+                            .replace("<", "").replace(">", "") + ".lua")
+        with open(path, "w") as script:
+            script.write(prelude + LUA_COMMON + body)
+        paths[name] = path
+    return paths
+
+
+def in_process_batch_limit(path, ids, seconds):
+    """Batches per second of TaskStore.get_many(1,000 ids) plus JSON encoding."""
+    rng = random.Random(7)
+    batches = []
+    for _ in range(16):
+        batch = [rng.choice(ids) if n % 5 else "task-missing-%d" % rng.randrange(10**9)
+                 for n in range(1, 1001)]
+        batches.append(batch)
+    with genesy_tasks.TaskStore(path) as store:
+        for batch in batches:  # warm the page cache as the server's would be
+            store.get_many(batch)
+        done = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            genesy_tasks._json_bytes(store.get_many(batches[done % len(batches)]))
+            done += 1
+        return done / (time.perf_counter() - started)
+
+
+def stalled_client(port):
+    """A client that sends half a request and stops: it must block nobody."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    return sock
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced set (1,000 and 100,000 tasks, 8 and 64 connections, "
+                             "2 s each), under a minute")
+    parser.add_argument("--seconds", type=int, default=None,
+                        help="seconds per wrk run (default 5, or 2 with --quick)")
+    parser.add_argument("--json", default=os.path.join(HERE, "results.json"),
+                        help="where to write the figures (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is missing. Install it with: sudo apt-get install wrk "
+                 "(Debian/Ubuntu) or brew install wrk (macOS)")
+    seconds = args.seconds or (2 if args.quick else 5)
+    sizes = (1_000, 100_000) if args.quick else (1_000, 1_000_000)
+    levels = (8, 64) if args.quick else (1, 8, 64)
+    endpoints = list(LUA_ENDPOINTS)
+
+    print("genesy-tasks %s benchmark: %d cores, Python %s, SQLite %s, wrk runs of %d s"
+          % (genesy_tasks.__version__, os.cpu_count(), sys.version.split()[0],
+             genesy_tasks.sqlite3.sqlite_version, seconds))
+    paths = {size: seed_database(size) for size in sizes}
+    results = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                           "sqlite": genesy_tasks.sqlite3.sqlite_version,
+                           "uname": " ".join(os.uname())},
+               "seconds": seconds, "runs": [], "ceiling": {}, "servers": {}}
+    workdir = tempfile.mkdtemp(prefix="genesy-bench-")
+    try:
+        # The stack's ceiling: a bare Bottle route on wsgiref, single-threaded.
+        ceiling_script = os.path.join(workdir, "ceiling.py")
+        with open(ceiling_script, "w") as script:
+            script.write(CEILING)
+        port = free_port()
+        ceiling = Process([sys.executable, ceiling_script, str(port)],
+                          os.path.join(workdir, "ceiling.log"))
+        health_script = write_scripts(workdir, ["unused"])["GET /health"]
+        try:
+            for connections in levels:
+                result = run_wrk(port, health_script, connections, seconds)
+                results["ceiling"][str(connections)] = result
+                print("  ceiling (bare Bottle on wsgiref) at %2d connections: %8.0f req/s"
+                      % (connections, result["rps"]))
+        finally:
+            ceiling.stop()
+
+        for size in sizes:
+            # Each size gets a fresh copy, so the write runs start from the same state.
+            db = os.path.join(workdir, "run-%d.db" % size)
+            shutil.copyfile(paths[size], db)
+            ids = sample_ids(db)
+            scripts = write_scripts(workdir, ids)
+            limit = in_process_batch_limit(db, ids, seconds)
+            results["servers"][str(size)] = {"in_process_batch_1000_per_s": limit}
+            print("  %d tasks: in-process get_many(1,000 ids) + JSON: %.1f batches/s"
+                  % (size, limit))
+            port = free_port()
+            env = dict(os.environ, GENESY_API_KEY=KEY)
+            server = Process([sys.executable, os.path.join(ROOT, "genesy_tasks.py"),
+                              "--db", db, "--port", str(port)],
+                             os.path.join(workdir, "server-%d.log" % size), env=env)
+            results["servers"][str(size)]["startup_s"] = server.startup_from_launch
+            stalled = None
+            try:
+                for endpoint in endpoints:
+                    for connections in levels:
+                        if connections == 64 and stalled is None:
+                            stalled = stalled_client(port)
+                        result = run_wrk(port, scripts[endpoint], connections, seconds)
+                        result.update(size=size, endpoint=endpoint, connections=connections)
+                        results["runs"].append(result)
+                        print("  %-7d %-24s c=%-3d %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms"
+                              "  errors %d" % (size, endpoint, connections, result["rps"],
+                                               result["p50_us"] / 1000, result["p99_us"] / 1000,
+                                               result["errors"]))
+                results["servers"][str(size)]["peak_rss_mb"] = server.peak_rss_mb()
+            finally:
+                if stalled is not None:
+                    stalled.close()
+                server.stop()
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(db + suffix):
+                    os.remove(db + suffix)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    report(results, sizes, levels)
+    with open(args.json, "w") as out:
+        json.dump(results, out, indent=2)
+    print("\nfigures written to %s" % os.path.relpath(args.json))
+
+
+def report(results, sizes, levels):
+    runs = results["runs"]
+
+    def rps(size, endpoint, connections):
+        for run in runs:
+            if (run["size"], run["endpoint"], run["connections"]) == (size, endpoint, connections):
+                return run["rps"]
+        return float("nan")
+
+    big, small = sizes[-1], sizes[0]
+    ceiling = results["ceiling"]["8"]["rps"]
+    print("\n## Requests per second (ratio to GET /health at the same size and connections)\n")
+    header = "| endpoint | tasks | " + " | ".join("c=%d" % c for c in levels) + \
+        " | p50 / p99 at c=8 | errors |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for size in sizes:
+        for endpoint in LUA_ENDPOINTS:
+            cells = []
+            for connections in levels:
+                value = rps(size, endpoint, connections)
+                health = rps(size, "GET /health", connections)
+                cells.append("%.0f (%.2f)" % (value, value / health))
+            at8 = next(r for r in runs if (r["size"], r["endpoint"], r["connections"])
+                       == (size, endpoint, 8))
+            errors = sum(r["errors"] for r in runs
+                         if (r["size"], r["endpoint"]) == (size, endpoint))
+            print("| %s | %s | %s | %.2f / %.2f ms | %d |" % (
+                endpoint, "{:,}".format(size), " | ".join(cells),
+                at8["p50_us"] / 1000, at8["p99_us"] / 1000, errors))
+    print("\nCeiling (bare Bottle route, wsgiref, single-threaded): " + ", ".join(
+        "c=%s %.0f req/s" % (c, results["ceiling"][str(c)]["rps"]) for c in levels))
+
+    print("\n## Targets\n")
+    targets = []
+
+    def target(name, value, goal, ok):
+        targets.append({"target": name, "measured": value, "goal": goal, "met": bool(ok)})
+        print("- [%s] %s: %s (goal %s)" % ("x" if ok else " ", name, value, goal))
+
+    health8 = rps(big, "GET /health", 8)
+    target("GET /health vs bare Bottle on wsgiref, c=8", "%.2f x" % (health8 / ceiling),
+           ">= 0.9 x", health8 >= 0.9 * ceiling)
+    for endpoint, goal in (("GET /tasks/<id>", 0.85), ("POST /tasks", 0.75),
+                           ("PATCH /tasks/<id>", 0.75)):
+        value = rps(big, endpoint, 8)
+        target("%s vs /health, c=8, %s tasks" % (endpoint, "{:,}".format(big)),
+               "%.2f x (%.2f x the bare-Bottle ceiling)" % (value / health8, value / ceiling),
+               ">= %.2f x" % goal, value >= goal * health8)
+    limit = results["servers"][str(big)]["in_process_batch_1000_per_s"]
+    value = rps(big, "POST /tasks/batch 1000", 8)
+    target("POST /tasks/batch 1,000 ids vs in-process get_many + JSON",
+           "%.2f x (%.1f vs %.1f per s)" % (value / limit, value, limit), ">= 0.8 x",
+           value >= 0.8 * limit)
+    value = rps(big, "PATCH /tasks/batch 100", 8)
+    target("PATCH /tasks/batch 100 ids vs /health, c=8", "%.2f x" % (value / health8),
+           ">= 0.5 x", value >= 0.5 * health8)
+    for endpoint in SINGLE_TASK_ENDPOINTS:
+        a, b = rps(big, endpoint, 8), rps(small, endpoint, 8)
+        target("%s at %s vs %s tasks, c=8" % (endpoint, "{:,}".format(big),
+                                              "{:,}".format(small)),
+               "%.2f x" % (a / b), ">= 0.85 x", a >= 0.85 * b)
+    if 64 in levels:
+        for endpoint in LUA_ENDPOINTS:
+            a, b = rps(big, endpoint, 64), rps(big, endpoint, 8)
+            errors = sum(r["errors"] for r in runs if r["endpoint"] == endpoint
+                         and r["connections"] == 64)
+            target("%s at c=64 vs c=8 (with a stalled client connected)" % endpoint,
+                   "%.2f x, %d errors" % (a / b, errors), ">= 0.9 x, 0 errors",
+                   a >= 0.9 * b and errors == 0)
+    rss = max(s["peak_rss_mb"] for s in results["servers"].values())
+    target("server peak RSS", "%.1f MB" % rss, "<= 50 MB", rss <= 50)
+    startup = max(s["startup_s"] for s in results["servers"].values())
+    target("start-up to first answered request", "%.3f s" % startup, "<= 0.5 s", startup <= 0.5)
+    results["targets"] = targets
+
+
+if __name__ == "__main__":
+    main()
