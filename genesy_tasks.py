@@ -266,31 +266,19 @@ class TaskStore:
     and returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
     """
 
-    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT, background_checkpoints=False):
-        """
-        :param busy_timeout: seconds a write waits for another writer's lock.
-        :param background_checkpoints: copy the WAL back into the database from
-            a thread of the store's own instead of at the end of a write
-            transaction every 1,000 pages; halves the cost of small writes.
-        """
+    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
+        """:param busy_timeout: seconds a write waits for another writer's lock."""
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
-        self.background_checkpoints = background_checkpoints
         self._local = threading.local()
         self._connections = []
         self._connections_lock = threading.Lock()
-        self._checkpointer = None
-        self._closing = threading.Event()
         self._create_file()
         try:
             self._migrate(self._connection())
         except sqlite3.Error as error:
             self.close()
             raise StorageError("cannot use database %r: %s" % (self.path, error)) from error
-        if background_checkpoints:
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, name="genesy-tasks-checkpointer", daemon=True)
-            self._checkpointer.start()
 
     # -- connections and transactions ---------------------------------------
 
@@ -325,8 +313,6 @@ class TaskStore:
                 # once, so it survives a crash of this process; only a power
                 # loss can take the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
-                if self.background_checkpoints:
-                    conn.execute("PRAGMA wal_autocheckpoint = 0")
             except BaseException:
                 conn.close()
                 raise
@@ -376,27 +362,8 @@ class TaskStore:
             return None  # no genesy_meta table yet
         return None if row is None else int(row[0])
 
-    def _checkpoint_loop(self, interval=0.1):
-        # sqlite3 releases the GIL while SQLite works, so the copying runs
-        # beside the requests instead of inside one of them. PASSIVE never
-        # waits for readers or writers; what it cannot copy now, it copies later.
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-        try:
-            while not self._closing.wait(interval):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as error:
-                    sys.stderr.write("genesy-tasks: checkpoint failed: %s\n" % error)
-        finally:
-            conn.close()
-
     def close(self):
         """Close every connection this store opened, in any thread."""
-        self._closing.set()
-        if self._checkpointer is not None and self._checkpointer is not threading.current_thread():
-            self._checkpointer.join()
-            self._checkpointer = None
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -1321,7 +1288,7 @@ def main(argv=None):
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     try:
-        store = TaskStore(args.db, background_checkpoints=True)
+        store = TaskStore(args.db)
     except StorageError as error:
         print("genesy-tasks: %s" % error, file=sys.stderr)
         return 2

@@ -572,28 +572,13 @@ def test_create_many_is_all_or_nothing(db_path):
         assert store.count() == 2
 
 
-def test_background_checkpoints_copy_the_wal_into_the_database(db_path, tmp_path):
-    with TaskStore(db_path, background_checkpoints=True) as store:
-        conn = store._connection()
-        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-        ids = [store.create({"subject": "n%d" % n})["id"] for n in range(20)]
-        deadline = time.monotonic() + 5
-        copy = tmp_path / "main-file-only.db"
-        while True:
-            # The main database file alone, without its WAL, holds what was checkpointed.
-            copy.write_bytes(open(db_path, "rb").read())
-            check = sqlite3.connect(str(copy))
-            try:
-                found = check.execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
-            except sqlite3.OperationalError:  # not even the schema was copied yet
-                found = 0
-            finally:
-                check.close()
-            if found == len(ids) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert found == len(ids)
-    assert store._checkpointer is None
+def test_the_wal_stays_bounded_under_continuous_writes(db_path):
+    # SQLite's own checkpoints after each 1,000-page commit keep the WAL small;
+    # a checkpointer that never lets the log restart would grow it without end.
+    with TaskStore(db_path) as store:
+        for n in range(3000):
+            store.create({"subject": "write %d" % n, "contactId": "contact-%d" % n})
+        assert os.path.getsize(db_path + "-wal") < 8 * 1024 * 1024
 
 
 def test_tasks_persist_across_reopening(db_path):
