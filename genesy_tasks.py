@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -392,32 +391,29 @@ class TaskStore:
 
     # -- tasks ------------------------------------------------------------------
 
-    def create(self, fields):
-        """Create a task from the create fields of ``fields``; return it whole."""
+    @staticmethod
+    def _new_task(fields):
+        """The whole new task for ``fields``, and its row for _INSERT."""
         task = validate_new_task(fields)
         ms, now = _now()
         task_id = new_task_id(ms)
-        params = (task_id,) + tuple(task.values()) + (now, now)
+        row = (task_id,) + tuple(task.values()) + (now, now)
+        return {"id": task_id, **task, "completed": False, "completedAt": None,
+                "createdAt": now, "updatedAt": now}, row
+
+    def create(self, fields):
+        """Create a task from the create fields of ``fields``; return it whole."""
+        task, row = self._new_task(fields)
         with self._write() as conn:
-            conn.execute(_INSERT, params)
-        return {
-            "id": task_id, **task, "completed": False, "completedAt": None,
-            "createdAt": now, "updatedAt": now,
-        }
+            conn.execute(_INSERT, row)
+        return task
 
     def create_many(self, tasks):
         """Create many tasks in one transaction (an import); return their ids in order."""
-        rows = []
-        ids = []
-        for fields in tasks:
-            task = validate_new_task(fields)
-            ms, now = _now()
-            task_id = new_task_id(ms)
-            ids.append(task_id)
-            rows.append((task_id,) + tuple(task.values()) + (now, now))
+        rows = [self._new_task(fields)[1] for fields in tasks]
         with self._write() as conn:
             conn.executemany(_INSERT, rows)
-        return ids
+        return [row[0] for row in rows]
 
     def get(self, task_id):
         """The task with this id, or None."""
@@ -794,7 +790,6 @@ app = _LazyApp()
 _MAX_HEAD = 64 * 1024
 _MAX_HEADERS = 100
 _LINGER_SECONDS = 2.0
-_STATUS_LINES = {}
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
 
 

@@ -2,7 +2,6 @@
 real server as a process. Each test gets a fresh database in tmp_path."""
 
 import http.client
-import io
 import json
 import os
 import re
@@ -509,7 +508,7 @@ def test_an_unexpected_failure_is_a_json_500_and_is_logged(api, store, monkeypat
 
     monkeypatch.setattr(store, "get", explode)
     response = api.get("/tasks/task-1", headers=HEADERS, expect_errors=True)
-    body = assert_error(response, 500)
+    assert_error(response, 500)
     assert "secret" not in response.text and "Traceback" not in response.text
     assert "ZeroDivisionError: secret internals" in response.errors
 
