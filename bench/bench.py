@@ -63,6 +63,14 @@ local function mixed_ids(n)
   return "[" .. table.concat(out, ",") .. "]"
 end
 
+local function rotating(method, path, bodies)
+  -- a request function that cycles through prepared bodies
+  return function()
+    counter = counter + 1
+    return wrk.format(method, path, headers, bodies[counter %% #bodies + 1])
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -100,18 +108,12 @@ end
     "POST /tasks/batch 100": r"""
 local bodies = {}
 for i = 1, 32 do bodies[i] = '{"ids":' .. mixed_ids(100) .. '}' end
-request = function()
-  counter = counter + 1
-  return wrk.format("POST", "/tasks/batch", headers, bodies[counter % #bodies + 1])
-end
+request = rotating("POST", "/tasks/batch", bodies)
 """,
     "POST /tasks/batch 1000": r"""
 local bodies = {}
 for i = 1, 16 do bodies[i] = '{"ids":' .. mixed_ids(1000) .. '}' end
-request = function()
-  counter = counter + 1
-  return wrk.format("POST", "/tasks/batch", headers, bodies[counter % #bodies + 1])
-end
+request = rotating("POST", "/tasks/batch", bodies)
 """,
     "PATCH /tasks/batch 100": r"""
 local bodies = {}
@@ -120,10 +122,7 @@ for i = 1, 32 do
   bodies[i] = '{"ids":' .. mixed_ids(100) .. ',"completed":' ..
     (i % 2 == 0 and "true" or "false") .. '}'
 end
-request = function()
-  counter = counter + 1
-  return wrk.format("PATCH", "/tasks/batch", headers, bodies[counter % #bodies + 1])
-end
+request = rotating("PATCH", "/tasks/batch", bodies)
 """,
 }
 SINGLE_TASK_ENDPOINTS = ("GET /tasks/<id>", "POST /tasks", "PATCH /tasks/<id>")
