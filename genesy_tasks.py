@@ -17,7 +17,9 @@ __version__ = "1.0.0"
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import io
 import json
@@ -30,8 +32,8 @@ import sys
 import threading
 import time
 import traceback
-from datetime import date
-from urllib.parse import unquote_to_bytes
+from datetime import datetime, timedelta
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import bottle
 
@@ -45,7 +47,11 @@ DEFAULT_MAX_BATCH = 10_000
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_BUSY_TIMEOUT = 5.0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: How long an Idempotency-Key is remembered, at least.
+IDEMPOTENCY_TTL = 24 * 60 * 60
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 500
 
 
 ###############################################################################
@@ -79,30 +85,67 @@ class TaskValidationError(ValueError):
 # digits only: \d would also accept other scripts' digits.
 _ISO_EXTENDED = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
-    r"(?:[Tt]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,][0-9]+)?)?"
-    r"([Zz]|[+-]([0-9]{2})(?::?([0-9]{2}))?)?)?"
+    r"(?:[Tt]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,]([0-9]+))?)?"
+    r"([Zz]|([+-])([0-9]{2})(?::?([0-9]{2}))?)?)?"
 )
 _ISO_BASIC = re.compile(
     r"([0-9]{4})([0-9]{2})([0-9]{2})"
-    r"(?:[Tt]([0-9]{2})([0-9]{2})(?:([0-9]{2})(?:[.,][0-9]+)?)?"
-    r"([Zz]|[+-]([0-9]{2})([0-9]{2})?)?)?"
+    r"(?:[Tt]([0-9]{2})([0-9]{2})(?:([0-9]{2})(?:[.,]([0-9]+))?)?"
+    r"([Zz]|([+-])([0-9]{2})([0-9]{2})?)?)?"
 )
+
+
+def _parse_iso8601(value):
+    """The instant ``value`` names, as a UTC datetime, or None if it is not ISO 8601.
+
+    A date alone means its midnight, and a time without an offset is taken as
+    UTC: Genesy's documentation only ever shows UTC times.
+    """
+    match = _ISO_EXTENDED.fullmatch(value) or _ISO_BASIC.fullmatch(value)
+    if not match:
+        return None
+    (year, month, day, hour, minute, second, fraction, _,
+     sign, off_hour, off_minute) = match.groups()
+    hour, minute, second = int(hour or 0), int(minute or 0), int(second or 0)
+    off_hour, off_minute = int(off_hour or 0), int(off_minute or 0)
+    if hour > 23 or minute > 59 or second > 60 or off_hour > 23 or off_minute > 59:
+        return None
+    try:
+        instant = datetime(int(year), int(month), int(day), hour, minute,
+                           min(second, 59),  # a leap second counts as :59
+                           int((fraction or "0")[:6].ljust(6, "0")))
+    except ValueError:
+        return None  # no such day (2023-02-29)
+    offset = timedelta(hours=off_hour, minutes=off_minute)
+    try:
+        return instant - offset if sign == "+" else instant + offset
+    except OverflowError:  # an offset that crosses year 1 or year 9999
+        return datetime.min if sign == "+" else datetime.max
 
 
 def is_iso8601(value):
     """True if ``value`` is an ISO 8601 calendar date or date-time that exists."""
-    match = _ISO_EXTENDED.fullmatch(value) or _ISO_BASIC.fullmatch(value)
-    if not match:
-        return False
-    year, month, day, hour, minute, second, _, off_hour, off_minute = match.groups()
-    try:
-        date(int(year), int(month), int(day))
-    except ValueError:
-        return False
-    return (
-        int(hour or 0) <= 23 and int(minute or 0) <= 59 and int(second or 0) <= 60
-        and int(off_hour or 0) <= 23 and int(off_minute or 0) <= 59
-    )
+    return _parse_iso8601(value) is not None
+
+
+def _utc_text(instant):
+    # Not strftime: its %Y does not pad years before 1000 to four digits.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        instant.year, instant.month, instant.day, instant.hour, instant.minute,
+        instant.second, instant.microsecond // 1000)
+
+
+def utc_instant(value):
+    """An ISO 8601 date or date-time as UTC text that sorts in time order.
+
+    ``2024-01-15T11:00:00+01:00`` and ``20240115T1000Z`` both give
+    ``2024-01-15T10:00:00.000Z``. The store keeps this beside each dueDate so
+    that the dueBefore and dueAfter filters compare instants, not spellings.
+    """
+    instant = _parse_iso8601(value)
+    if instant is None:
+        raise TaskValidationError("%r is not an ISO 8601 date or date-time" % (value,))
+    return _utc_text(instant)
 
 
 def _check_text(name, value, required=False):
@@ -211,12 +254,31 @@ CREATE TABLE genesy_tasks (
     company_id   TEXT,
     completed_at TEXT,
     created_at   TEXT NOT NULL,
-    updated_at   TEXT NOT NULL
+    updated_at   TEXT NOT NULL,
+    due_utc      TEXT  -- dueDate as UTC text that sorts in time order (utc_instant)
 );
 CREATE INDEX genesy_tasks_owner ON genesy_tasks (owner_id);
 CREATE INDEX genesy_tasks_contact ON genesy_tasks (contact_id);
 CREATE INDEX genesy_tasks_company ON genesy_tasks (company_id);
 """
+# Idempotency-Key of POST /tasks: what was asked (a fingerprint of the body)
+# and what was answered, so that a retry gets the same answer.
+_IDEMPOTENCY_SCHEMA = """
+CREATE TABLE genesy_idempotency (
+    key          TEXT PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    task         TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL
+);
+CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
+"""
+# Upgrades of an existing database, by the version they lead to.
+_MIGRATIONS = {
+    2: ["ALTER TABLE genesy_tasks ADD COLUMN due_utc TEXT",
+        "UPDATE genesy_tasks SET due_utc = genesy_utc_instant(due_date) "
+        "WHERE due_date IS NOT NULL"]
+       + _IDEMPOTENCY_SCHEMA.split(";"),
+}
 
 # Columns in TASK_FIELDS order; "completed" is derived from completed_at.
 _COLUMNS = (
@@ -229,8 +291,8 @@ _SELECT_MANY = (
     "SELECT %s FROM genesy_tasks WHERE id IN (SELECT value FROM json_each(?))" % _COLUMNS)
 _INSERT = (
     "INSERT INTO genesy_tasks (id, subject, description, type, owner_id, due_date, "
-    "contact_id, company_id, completed_at, created_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)"
+    "contact_id, company_id, completed_at, created_at, updated_at, due_utc) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)"
 )
 # Writes read the rows first, with their rowid (seq), and then update by rowid:
 # no second id lookup, and only columns that change, so untouched indexes stay
@@ -245,6 +307,10 @@ _SET_COMPLETED_MANY = (
 _UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
 
 
+def _utc_instant_or_null(value):
+    return None if value is None or not is_iso8601(value) else utc_instant(value)
+
+
 def _task(row):
     task = dict(zip(TASK_FIELDS, row))
     task["completed"] = row[9] is not None
@@ -256,12 +322,39 @@ def _in_request_order(ids, found):
     return [found.pop(task_id) for task_id in ids if task_id in found]
 
 
+def _encode_cursor(order, seq):
+    return base64.urlsafe_b64encode(b"%s:%d" % (order[0].encode(), seq)).rstrip(b"=").decode()
+
+
+def _decode_cursor(cursor, order):
+    """The seq a cursor from :meth:`TaskStore.list` continues after."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        prefix, seq = text.split(":")
+        seq = int(seq)
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        raise TaskValidationError("cursor is not one this server returned") from None
+    if prefix != order[0]:
+        raise TaskValidationError("cursor was returned for another order than %s" % order)
+    return seq
+
+
+def _fingerprint(body):
+    """A digest of a request body that ignores key order and whitespace."""
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key was sent again with a different request body."""
+
+
 class TaskStore:
     """Genesy's tasks in SQLite: the storage the HTTP routes call, usable directly.
 
     ``TaskStore("crm.db")`` opens (or creates) the database, turns on WAL and
-    creates its two tables, ``genesy_tasks`` and ``genesy_meta``, beside any
-    others in the file. Each thread gets its own connection. Every method takes
+    creates its tables, ``genesy_tasks``, ``genesy_meta`` and
+    ``genesy_idempotency``, beside any others in the file. Each thread gets its own connection. Every method takes
     and returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
     """
 
@@ -335,22 +428,27 @@ class TaskStore:
     def _migrate(self, conn):
         if self._schema_version(conn) == SCHEMA_VERSION:
             return  # the usual case needs no write lock, so a busy CRM cannot stop a start
+        conn.create_function("genesy_utc_instant", 1, _utc_instant_or_null, deterministic=True)
         with self._write():
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            row = conn.execute(
-                "SELECT value FROM genesy_meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                # Not executescript(): it would commit this transaction first.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO genesy_meta VALUES ('schema_version', ?)",
-                             (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            # Read again inside the lock: another process may have migrated meanwhile.
+            version = self._schema_version(conn)
+            if version is None:
+                statements = (_SCHEMA + _IDEMPOTENCY_SCHEMA).split(";")
+            elif version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(
                     "its schema version %s is newer than this genesy-tasks (%s) understands"
-                    % (row[0], SCHEMA_VERSION))
+                    % (version, SCHEMA_VERSION))
+            else:
+                statements = [statement for step in range(version + 1, SCHEMA_VERSION + 1)
+                              for statement in _MIGRATIONS[step]]
+            # Not executescript(): it would commit this transaction first.
+            for statement in statements:
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR REPLACE INTO genesy_meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
 
     @staticmethod
     def _schema_version(conn):
@@ -397,7 +495,8 @@ class TaskStore:
         task = validate_new_task(fields)
         ms, now = _now()
         task_id = new_task_id(ms)
-        row = (task_id,) + tuple(task.values()) + (now, now)
+        due_utc = None if task["dueDate"] is None else utc_instant(task["dueDate"])
+        row = (task_id,) + tuple(task.values()) + (now, now, due_utc)
         return {"id": task_id, **task, "completed": False, "completedAt": None,
                 "createdAt": now, "updatedAt": now}, row
 
@@ -407,6 +506,37 @@ class TaskStore:
         with self._write() as conn:
             conn.execute(_INSERT, row)
         return task
+
+    def create_idempotent(self, fields, key):
+        """Create a task once per ``key``: return ``(task, replayed)``.
+
+        The first call creates the task. A later call with the same key and
+        the same fields (in any key order) creates nothing and returns the
+        task as it was first returned, with ``replayed`` true; with other
+        fields it raises :class:`IdempotencyKeyReused`. Keys are kept for
+        IDEMPOTENCY_TTL seconds at least.
+        """
+        if not isinstance(key, str) or not 1 <= len(key) <= 255:
+            raise TaskValidationError("the idempotency key must be 1 to 255 characters")
+        task, row = self._new_task(fields)
+        fingerprint = _fingerprint(fields)
+        now_ms = int(time.time() * 1000)
+        with self._write() as conn:
+            # Inside the write lock: a concurrent retry waits here, then replays.
+            found = conn.execute(
+                "SELECT fingerprint, task FROM genesy_idempotency WHERE key = ?",
+                (key,)).fetchone()
+            if found is not None:
+                if found[0] != fingerprint:
+                    raise IdempotencyKeyReused(
+                        "this Idempotency-Key was used with a different request body")
+                return json.loads(found[1]), True
+            conn.execute(_INSERT, row)
+            conn.execute("INSERT INTO genesy_idempotency VALUES (?, ?, ?, ?)",
+                         (key, fingerprint, json.dumps(task, ensure_ascii=False), now_ms))
+            conn.execute("DELETE FROM genesy_idempotency WHERE created_ms < ?",
+                         (now_ms - IDEMPOTENCY_TTL * 1000,))
+        return task, False
 
     def create_many(self, tasks):
         """Create many tasks in one transaction (an import); return their ids in order."""
@@ -449,11 +579,78 @@ class TaskStore:
             if not changed:
                 return task
             updated["updatedAt"] = now
+            columns = [_UPDATABLE_COLUMNS[name] for name in changed]
+            values = [updated[name] for name in changed]
+            if "dueDate" in changed:
+                columns.append("due_utc")
+                values.append(_utc_instant_or_null(updated["dueDate"]))
             conn.execute(
                 "UPDATE genesy_tasks SET %s, updated_at = ? WHERE seq = ?"
-                % ", ".join(_UPDATABLE_COLUMNS[name] + " = ?" for name in changed),
-                [updated[name] for name in changed] + [now, row[-1]])
+                % ", ".join(column + " = ?" for column in columns),
+                values + [now, row[-1]])
         return updated
+
+    def delete(self, task_id):
+        """Delete the task with this id; return whether there was one."""
+        if not isinstance(task_id, str):
+            return False
+        with self._write() as conn:
+            return conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
+                                (task_id,)).rowcount > 0
+
+    def list(self, *, owner_id=None, contact_id=None, company_id=None, type=None,
+             completed=None, due_before=None, due_after=None, order="newest",
+             limit=DEFAULT_LIST_LIMIT, cursor=None):
+        """One page of tasks: ``{"tasks": [...], "nextCursor": str or None}``.
+
+        Text filters match exactly; ``completed`` is True, False or None (both);
+        ``due_before`` (exclusive) and ``due_after`` (inclusive) are ISO 8601 and
+        compare instants, leaving out tasks without a dueDate. ``order`` is
+        "newest" (creation, newest first) or "oldest". Pass the returned
+        ``nextCursor`` with the same arguments for the next page: pages are
+        keyed on creation order, so tasks created meanwhile never shift them.
+        """
+        if order not in ("newest", "oldest"):
+            raise TaskValidationError("order must be newest or oldest")
+        if isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise TaskValidationError("limit must be a whole number from 1 to %d"
+                                      % MAX_LIST_LIMIT)
+        where, params = [], []
+        for name, column, value in (("ownerId", "owner_id", owner_id),
+                                    ("contactId", "contact_id", contact_id),
+                                    ("companyId", "company_id", company_id),
+                                    ("type", "type", type)):
+            if value is not None:
+                where.append(column + " = ?")
+                params.append(_check_text(name, value))
+        if completed is not None:
+            validate_completed(completed)
+            where.append("completed_at IS NOT NULL" if completed else "completed_at IS NULL")
+        for name, condition, value in (("dueBefore", "due_utc < ?", due_before),
+                                       ("dueAfter", "due_utc >= ?", due_after)):
+            if value is not None:
+                if not isinstance(value, str) or not is_iso8601(value):
+                    raise TaskValidationError(
+                        "%s must be an ISO 8601 date or date-time, such as 2024-01-15 "
+                        "or 2024-01-15T10:00:00Z" % name)
+                where.append(condition)
+                params.append(utc_instant(value))
+        if cursor is not None:
+            if not isinstance(cursor, str):
+                raise TaskValidationError("cursor must be a string")
+            where.append("seq < ?" if order == "newest" else "seq > ?")
+            params.append(_decode_cursor(cursor, order))
+        rows = self._connection().execute(
+            "SELECT %s, seq FROM genesy_tasks%s ORDER BY seq %s LIMIT ?"
+            % (_COLUMNS, " WHERE " + " AND ".join(where) if where else "",
+               "DESC" if order == "newest" else "ASC"),
+            params + [limit + 1]).fetchall()
+        next_cursor = None
+        if len(rows) > limit:  # one row more than asked says there is a next page
+            rows = rows[:limit]
+            next_cursor = _encode_cursor(order, rows[-1][-1])
+        return {"tasks": [_task(row) for row in rows], "nextCursor": next_cursor}
 
     def get_many(self, ids):
         """The tasks with these ids, in the order of first appearance; unknown ids omitted."""
@@ -575,6 +772,66 @@ def _batch_ids(body, max_batch):
     return ids
 
 
+# GET /tasks query parameters and the TaskStore.list arguments they become.
+_LIST_PARAMETERS = {
+    "ownerId": "owner_id", "contactId": "contact_id", "companyId": "company_id",
+    "type": "type", "completed": "completed", "dueBefore": "due_before",
+    "dueAfter": "due_after", "order": "order", "limit": "limit", "cursor": "cursor",
+}
+
+
+def _list_arguments(query_string):
+    """TaskStore.list keyword arguments from a GET /tasks query string.
+
+    Unknown or repeated parameters are refused, so a typo such as ``ownerID``
+    is an error rather than a silently unfiltered list. An empty value counts
+    as absent, as an HTML form sends it.
+    """
+    try:
+        pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=False,
+                          encoding="utf-8", errors="strict", max_num_fields=len(_LIST_PARAMETERS))
+    except UnicodeDecodeError:
+        raise TaskValidationError("the query string is not UTF-8") from None
+    except ValueError:
+        raise TaskValidationError("too many query parameters") from None
+    arguments = {}
+    for name, value in pairs:
+        if name not in _LIST_PARAMETERS:
+            raise TaskValidationError("unknown query parameter %r; known: %s"
+                                      % (name, ", ".join(_LIST_PARAMETERS)))
+        if _LIST_PARAMETERS[name] in arguments:
+            raise TaskValidationError("%s is given more than once" % name)
+        if value != "":
+            arguments[_LIST_PARAMETERS[name]] = value
+    if "completed" in arguments:
+        flag = arguments["completed"]
+        if flag not in ("true", "false"):
+            raise TaskValidationError("completed must be true or false")
+        arguments["completed"] = flag == "true"
+    if "limit" in arguments:
+        text = arguments["limit"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 4:
+            raise TaskValidationError("limit must be a whole number from 1 to %d"
+                                      % MAX_LIST_LIMIT)
+        arguments["limit"] = int(text)
+    return arguments
+
+
+def _idempotency_key(environ):
+    """The Idempotency-Key header, or None. The IETF draft sends it as a quoted
+    string ("abc"), Stripe bare (abc): both mean abc."""
+    key = environ.get("HTTP_IDEMPOTENCY_KEY")
+    if key is None:
+        return None
+    key = key.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > 255 or not all("!" <= char <= "~" for char in key):
+        raise RequestError(400, "Invalid request",
+                           "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key
+
+
 def _task_not_found(task_id):
     return RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
 
@@ -673,6 +930,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                 return _error_response(error.status, error.title, error.message, error.headers)
             except TaskValidationError as error:
                 return _error_response(400, "Invalid request", str(error))
+            except IdempotencyKeyReused as error:
+                return _error_response(422, "Idempotency key reused", str(error))
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
@@ -686,7 +945,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                                        "the server failed to handle the request; "
                                        "the error was logged")
             response = bottle.response
-            response.content_type = "application/json"
+            if body:  # a 204 has no body, so no type
+                response.content_type = "application/json"
             response.set_header("X-Content-Type-Options", "nosniff")
             return body
         route.__name__ = callback.__name__
@@ -702,10 +962,22 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     def health(environ):
         return b'{"status":"ok"}'
 
+    @app.get("/tasks")
+    @api
+    def list_tasks(environ):
+        return _json_bytes(store.list(**_list_arguments(environ.get("QUERY_STRING", ""))))
+
     @app.post("/tasks")
     @api
     def create_task(environ):
-        task = store.create(_read_json(environ, max_body))
+        key = _idempotency_key(environ)
+        body = _read_json(environ, max_body)
+        if key is None:
+            task = store.create(body)
+        else:
+            task, replayed = store.create_idempotent(body, key)
+            if replayed:
+                bottle.response.set_header("Idempotent-Replayed", "true")
         bottle.response.status = 201
         bottle.response.set_header("Location", task_location(environ, task["id"]))
         return _json_bytes(task)
@@ -744,6 +1016,14 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         if task is None:
             raise _task_not_found(task_id)
         return _json_bytes(task)
+
+    @app.route(single_task, method="DELETE")
+    @api
+    def delete_task(environ, task_id):
+        if not store.delete(task_id):
+            raise _task_not_found(task_id)
+        bottle.response.status = 204
+        return b""
 
     return app
 
@@ -1195,7 +1475,7 @@ class TaskServer:
             if lowered == "content-length":
                 has_length = True
             lines.append(name + ": " + value)
-        if not has_length:
+        if not has_length and not status.startswith(("204", "304")):  # those have no body
             lines.append("Content-Length: %d" % len(body))
         if not keep_alive:
             lines.append("Connection: close")

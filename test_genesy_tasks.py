@@ -417,6 +417,270 @@ def test_the_default_body_limit_fits_a_maximal_batch():
     assert len(json.dumps({"ids": ids, "completed": True})) < genesy_tasks.DEFAULT_MAX_BODY
 
 
+# -- listing, filtering, paging, deleting ----------------------------------------------
+
+def _ids(page):
+    return [task["id"] for task in page["tasks"]]
+
+
+def test_list_is_newest_first_with_whole_tasks_and_no_next_page(api):
+    first, second = create(api, subject="first"), create(api, subject="second")
+    page = api.get("/tasks", headers=HEADERS, status=200).json
+    assert page == {"tasks": [second, first], "nextCursor": None}
+    oldest = api.get("/tasks?order=oldest", headers=HEADERS).json
+    assert _ids(oldest) == [first["id"], second["id"]]
+
+
+def test_list_pages_with_a_cursor_stable_while_tasks_are_added(api):
+    made = [create(api, subject="task %d" % number)["id"] for number in range(7)]
+    newest_first = made[::-1]
+    page = api.get("/tasks?limit=3", headers=HEADERS).json
+    assert _ids(page) == newest_first[:3] and page["nextCursor"]
+    create(api, subject="arrives while paging")  # must not shift the next pages
+    seen = _ids(page)
+    while page["nextCursor"]:
+        page = api.get("/tasks", {"limit": 3, "cursor": page["nextCursor"]}, headers=HEADERS).json
+        seen += _ids(page)
+    assert seen == newest_first
+
+
+def test_list_limit_defaults_to_50_and_is_capped_at_500(api, store):
+    store.create_many([{"subject": "bulk %d" % number} for number in range(501)])
+    assert len(api.get("/tasks", headers=HEADERS).json["tasks"]) == 50
+    assert len(api.get("/tasks?limit=500", headers=HEADERS).json["tasks"]) == 500
+    assert_error(api.get("/tasks?limit=501", headers=HEADERS, status=400), 400,
+                 "Invalid request", ["limit", "500"])
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("ownerId=user-1", {"a", "c"}),
+    ("contactId=contact-2", {"b"}),
+    ("companyId=company-1", {"a", "b"}),
+    ("type=call", {"a"}),
+    ("completed=true", {"c"}),
+    ("completed=false", {"a", "b", "d"}),
+    ("ownerId=user-1&completed=false", {"a"}),
+    ("ownerId=nobody", set()),
+    ("ownerId=", {"a", "b", "c", "d"}),  # an empty value is no filter, as from a form
+    # Instants are compared, whatever the spelling: 11:00+01:00 is 10:00Z.
+    ("dueBefore=2024-01-15T10:00:00Z", {"b"}),
+    ("dueAfter=2024-01-15T10:00:00Z", {"a", "c"}),
+    ("dueAfter=20240115T1001Z", {"c"}),
+    ("dueAfter=2024-01-15&dueBefore=2024-01-16", {"a", "b"}),
+])
+def test_list_filters(api, query, expected):
+    names = {
+        create(api, subject="a", ownerId="user-1", companyId="company-1", type="call",
+               dueDate="2024-01-15T11:00:00+01:00")["id"]: "a",
+        create(api, subject="b", ownerId="user-2", companyId="company-1",
+               contactId="contact-2", dueDate="2024-01-15")["id"]: "b",
+        create(api, subject="c", ownerId="user-1", dueDate="2024-02-01")["id"]: "c",
+        create(api, subject="d")["id"]: "d",
+    }
+    completed = [task_id for task_id, name in names.items() if name == "c"]
+    api.patch_json("/tasks/batch", {"ids": completed, "completed": True}, headers=HEADERS)
+    page = api.get("/tasks?" + query, headers=HEADERS, status=200).json
+    assert {names[task_id] for task_id in _ids(page)} == expected
+
+
+def test_list_follows_due_date_changes(api):
+    task = create(api, dueDate="2030-01-01")
+    api.patch_json("/tasks/" + task["id"], {"dueDate": "2020-01-01T00:00:00-05:00"},
+                   headers=HEADERS)
+    assert _ids(api.get("/tasks?dueBefore=2020-01-01T05:00:01Z", headers=HEADERS).json) \
+        == [task["id"]]
+    api.patch_json("/tasks/" + task["id"], {"dueDate": None}, headers=HEADERS)
+    assert api.get("/tasks?dueBefore=2100-01-01", headers=HEADERS).json["tasks"] == []
+
+
+@pytest.mark.parametrize("query, mentions", [
+    ("completed=yes", ["completed"]),
+    ("limit=0", ["limit"]),
+    ("limit=ten", ["limit"]),
+    ("limit=-5", ["limit"]),
+    ("dueBefore=tomorrow", ["dueBefore", "ISO 8601"]),
+    ("dueAfter=2024-02-30", ["dueAfter"]),
+    ("order=random", ["order"]),
+    ("cursor=not-a-cursor", ["cursor"]),
+    ("ownerID=user-1", ["ownerID", "ownerId"]),  # a typo is not silently ignored
+    ("ownerId=a&ownerId=b", ["ownerId", "more than once"]),
+    ("ownerId=%FF", ["UTF-8"]),
+])
+def test_bad_list_parameters_are_400s(api, query, mentions):
+    assert_error(api.get("/tasks?" + query, headers=HEADERS, status=400), 400,
+                 "Invalid request", mentions)
+
+
+def test_a_cursor_only_continues_the_order_it_came_from(api):
+    for _ in range(3):
+        create(api)
+    cursor = api.get("/tasks?limit=1", headers=HEADERS).json["nextCursor"]
+    assert_error(api.get("/tasks?order=oldest&cursor=" + cursor, headers=HEADERS, status=400),
+                 400, "Invalid request", ["cursor"])
+
+
+def test_list_needs_the_key(api):
+    assert_error(api.get("/tasks", status=401), 401, "Unauthorized")
+
+
+def test_delete_is_204_then_404_and_the_task_is_gone(api):
+    task, kept = create(api), create(api)
+    response = api.delete("/tasks/" + task["id"], headers=HEADERS, status=204)
+    assert response.body == b"" and "Content-Type" not in response.headers
+    assert_error(api.delete("/tasks/" + task["id"], headers=HEADERS, status=404), 404,
+                 "Task not found", [task["id"]])
+    api.get("/tasks/" + task["id"], headers=HEADERS, status=404)
+    assert api.post_json("/tasks/batch", {"ids": [task["id"], kept["id"]]},
+                         headers=HEADERS).json == [kept]
+    assert_error(api.delete("/tasks/" + kept["id"], status=401), 401)
+    api.get("/tasks/" + kept["id"], headers=HEADERS, status=200)
+
+
+def test_delete_batch_is_not_a_task_id(api):
+    assert_error(api.delete("/tasks/batch", headers=HEADERS, status=405), 405)
+
+
+def test_store_list_and_delete(store):
+    ids = store.create_many([{"subject": "one", "ownerId": "u"}, {"subject": "two"}])
+    page = store.list(owner_id="u")
+    assert [task["id"] for task in page["tasks"]] == ids[:1] and page["nextCursor"] is None
+    first = store.list(limit=1)
+    assert [task["id"] for task in first["tasks"]] == ids[1:]
+    second = store.list(limit=1, cursor=first["nextCursor"])
+    assert [task["id"] for task in second["tasks"]] == ids[:1]
+    assert store.delete(ids[0]) is True and store.delete(ids[0]) is False
+    assert store.count() == 1
+    for bad in ({"limit": 0}, {"limit": True}, {"completed": "yes"}, {"order": "due"},
+                {"due_before": "soon"}, {"owner_id": 7}):
+        with pytest.raises(TaskValidationError):
+            store.list(**bad)
+
+
+def test_utc_instant_normalises_every_iso8601_spelling():
+    assert genesy_tasks.utc_instant("2024-01-15") == "2024-01-15T00:00:00.000Z"
+    assert genesy_tasks.utc_instant("2024-01-15T11:00:00+01:00") == "2024-01-15T10:00:00.000Z"
+    assert genesy_tasks.utc_instant("20240115T1000Z") == "2024-01-15T10:00:00.000Z"
+    assert genesy_tasks.utc_instant("2024-01-15T10:00:00.1239-0530") == "2024-01-15T15:30:00.123Z"
+    assert genesy_tasks.utc_instant("2016-12-31T23:59:60Z") == "2016-12-31T23:59:59.000Z"
+    assert genesy_tasks.utc_instant("0999-01-01") == "0999-01-01T00:00:00.000Z"
+    with pytest.raises(TaskValidationError):
+        genesy_tasks.utc_instant("2023-02-29")
+
+
+_SCHEMA_V1 = """
+CREATE TABLE genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO genesy_meta VALUES ('schema_version', '1');
+CREATE TABLE genesy_tasks (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL,
+    description TEXT, type TEXT, owner_id TEXT, due_date TEXT, contact_id TEXT,
+    company_id TEXT, completed_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+INSERT INTO genesy_tasks (id, subject, due_date, created_at, updated_at) VALUES
+    ('task-old', 'from release 1', '2024-01-15T11:00:00+01:00', '2024-01-01T00:00:00.000Z',
+     '2024-01-01T00:00:00.000Z');
+"""
+
+
+def test_a_release_1_database_is_upgraded_in_place(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.executescript(_SCHEMA_V1)
+    conn.close()
+    with TaskStore(db_path) as store:
+        assert store.get("task-old")["subject"] == "from release 1"
+        page = store.list(due_after="2024-01-15T10:00:00Z", due_before="2024-01-15T10:00:01Z")
+        assert [task["id"] for task in page["tasks"]] == ["task-old"]
+        assert store.create_idempotent({"subject": "new"}, "key-1")[1] is False
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT value FROM genesy_meta WHERE key = 'schema_version'"
+                        ).fetchone()[0] == str(genesy_tasks.SCHEMA_VERSION)
+    conn.close()
+
+
+# -- idempotent create --------------------------------------------------------------------
+
+def _create_with_key(api, key, body, **kwargs):
+    return api.post_json("/tasks", body, headers={**HEADERS, "Idempotency-Key": key}, **kwargs)
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_original(api, store):
+    first = _create_with_key(api, "retry-1", FULL_TASK, status=201)
+    assert "Idempotent-Replayed" not in first.headers
+    api.patch_json("/tasks/" + first.json["id"], {"completed": True}, headers=HEADERS)
+    reordered = dict(reversed(list(FULL_TASK.items())))  # same body, other key order
+    retry = _create_with_key(api, "retry-1", reordered, status=201)
+    assert retry.json == first.json  # the original answer, not the task as it is now
+    assert retry.headers["Location"] == first.headers["Location"]
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert store.count() == 1
+
+
+def test_the_quoted_form_of_the_ietf_draft_is_the_same_key(api, store):
+    first = _create_with_key(api, '"retry-2"', {"subject": "x"}, status=201)
+    assert _create_with_key(api, "retry-2", {"subject": "x"}, status=201).json == first.json
+    assert store.count() == 1
+
+
+def test_the_same_idempotency_key_with_another_body_is_a_422(api, store):
+    _create_with_key(api, "retry-3", {"subject": "x"}, status=201)
+    assert_error(_create_with_key(api, "retry-3", {"subject": "y"}, status=422), 422,
+                 "Idempotency key reused", ["Idempotency-Key"])
+    assert store.count() == 1
+
+
+def test_different_idempotency_keys_and_no_key_create_separate_tasks(api, store):
+    _create_with_key(api, "a", {"subject": "x"}, status=201)
+    _create_with_key(api, "b", {"subject": "x"}, status=201)
+    api.post_json("/tasks", {"subject": "x"}, headers=HEADERS, status=201)
+    api.post_json("/tasks", {"subject": "x"}, headers=HEADERS, status=201)
+    assert store.count() == 4
+
+
+@pytest.mark.parametrize("key", ["", '""', "x" * 256, "has space", "caf\u00e9"])
+def test_a_malformed_idempotency_key_is_a_400(api, store, key):
+    response = api.post_json("/tasks", {"subject": "x"},
+                             headers={**HEADERS, "Idempotency-Key": key.encode("utf-8").decode("latin-1")},
+                             status=400)
+    assert_error(response, 400, "Invalid request", ["Idempotency-Key"])
+    assert store.count() == 0
+
+
+def test_a_refused_create_does_not_spend_the_idempotency_key(api, store):
+    _create_with_key(api, "retry-4", {"subject": ""}, status=400)
+    _create_with_key(api, "retry-4", {"subject": "fixed"}, status=201)
+    assert store.count() == 1
+
+
+def test_idempotency_keys_are_kept_24_hours_then_forgotten(store, monkeypatch):
+    task, replayed = store.create_idempotent({"subject": "x"}, "old")
+    clock = time.time()
+    monkeypatch.setattr(genesy_tasks.time, "time", lambda: clock + 24 * 3600 - 60)
+    assert store.create_idempotent({"subject": "x"}, "old") == (task, True)
+    monkeypatch.setattr(genesy_tasks.time, "time", lambda: clock + 24 * 3600 + 60)
+    store.create_idempotent({"subject": "x"}, "another")  # purges keys past the TTL
+    again, replayed = store.create_idempotent({"subject": "x"}, "old")
+    assert replayed is False and again["id"] != task["id"]
+
+
+def test_concurrent_retries_with_one_key_create_one_task(db_path, store):
+    results, errors = [], []
+
+    def retry():
+        try:
+            with TaskStore(db_path) as own:
+                results.append(own.create_idempotent({"subject": "race"}, "race-key"))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=retry) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len({task["id"] for task, _ in results}) == 1
+    assert sorted(replayed for _, replayed in results) == [False] + [True] * 7
+    assert store.count() == 1
+
+
 # -- health, routing, authentication ----------------------------------------------------
 
 def test_health_is_200_ok_for_a_valid_key(api):
@@ -492,9 +756,9 @@ def test_unknown_routes_are_json_404s(api):
 
 
 @pytest.mark.parametrize("method, path, allowed", [
-    ("GET", "/tasks", ["POST"]), ("PUT", "/tasks/task-1", ["GET", "PATCH"]),
+    ("PUT", "/tasks", ["GET", "POST"]), ("PUT", "/tasks/task-1", ["DELETE", "GET", "PATCH"]),
     ("DELETE", "/tasks/batch", ["PATCH", "POST"]), ("POST", "/health", ["GET"]),
-    ("POST", "/tasks/task-1", ["GET", "PATCH"]),
+    ("POST", "/tasks/task-1", ["DELETE", "GET", "PATCH"]),
 ])
 def test_a_wrong_method_is_a_405_with_allow(api, method, path, allowed):
     response = api.request(path, method=method, headers=HEADERS, expect_errors=True)
@@ -597,7 +861,7 @@ def test_the_store_uses_wal_and_namespaced_tables_beside_a_crms_own(db_path):
     with TaskStore(db_path) as store:
         store.create({"subject": "Genesy's task"})
     tables = {row[0] for row in crm.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"tasks", "genesy_tasks", "genesy_meta"}
+    assert tables == {"tasks", "genesy_tasks", "genesy_meta", "genesy_idempotency"}
     assert crm.execute("SELECT title FROM tasks").fetchall() == [("the CRM's own task",)]
     assert crm.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert crm.execute("SELECT value FROM genesy_meta WHERE key = 'schema_version'"
@@ -841,6 +1105,17 @@ def test_the_server_keeps_connections_alive(server):
     sock = conn.sock
     server.request("POST", "/tasks", {"subject": "same connection"}, conn=conn)
     assert conn.sock is sock
+
+
+def test_a_204_has_no_body_and_keeps_the_connection_usable(server):
+    _, _, task = server.request("POST", "/tasks", {"subject": "to delete"})
+    reply = server.raw(("DELETE /tasks/%s HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n\r\n"
+                        "GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n"
+                        "Connection: close\r\n\r\n" % (task["id"], KEY, KEY)).encode())
+    deleted, _, health = reply.partition(b"HTTP/1.1 200")
+    assert deleted.startswith(b"HTTP/1.1 204 ") and deleted.endswith(b"\r\n\r\n")
+    assert b"content-length" not in deleted.lower()
+    assert health.endswith(b'{"status":"ok"}')
 
 
 def test_a_stalled_client_blocks_nobody(server):
