@@ -21,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import html
 import io
 import json
 import os
@@ -886,6 +887,470 @@ def _environ_key(header):
     return "HTTP_" + header.upper().replace("-", "_")
 
 
+# The dashboard at GET /: one page, no build step, nothing fetched from
+# elsewhere. Task fields are untrusted, so the script only ever puts them in
+# the page as text (textContent, attribute values), never as HTML, and the
+# Content-Security-Policy allows this page's own script and style only.
+_DASHBOARD_STYLE = """
+:root { color-scheme: light dark; --line: #8884; --muted: #888; --accent: #2b6cb0; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1rem; }
+header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; }
+h1 { font-size: 1.3rem; margin: 0 1rem 0 0; }
+form { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin: 1rem 0; }
+input, select, button { font: inherit; padding: .3rem .5rem; }
+button { cursor: pointer; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; vertical-align: top; padding: .4rem; border-bottom: 1px solid var(--line); }
+th { font-weight: 600; }
+th, .ownerId, .contactId, .companyId, .dueDate, .createdAt, .completedAt { white-space: nowrap; }
+tr.done .subject { text-decoration: line-through; color: var(--muted); }
+.id, .description, #status, .empty { color: var(--muted); }
+.id { font: 12px ui-monospace, monospace; white-space: nowrap; }
+.description { white-space: pre-wrap; }
+.error { color: #c53030; }
+[hidden] { display: none !important; }
+"""
+
+_DASHBOARD_SCRIPT = """
+"use strict";
+const base = document.body.dataset.base, keyHeader = document.body.dataset.keyHeader;
+const storageKey = "genesy-tasks-api-key";
+const $ = (id) => document.getElementById(id);
+const columns = ["type", "ownerId", "contactId", "companyId", "dueDate", "createdAt",
+                 "completedAt"];
+let pageSize = 100, timer = null;
+
+class Unauthorized extends Error {}
+
+async function call(method, path, body) {
+  const headers = {"Accept": "application/json"};
+  headers[keyHeader] = sessionStorage.getItem(storageKey) || "";
+  const init = {method, headers, cache: "no-store", credentials: "omit"};
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(base + path, init);
+  if (response.status === 401) throw new Unauthorized();
+  const data = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error(data && data.message ? data.message : response.statusText);
+  return data;
+}
+
+function showLogin(message) {
+  clearTimeout(timer);
+  sessionStorage.removeItem(storageKey);
+  $("tasks-view").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("key").value = "";
+  $("key").focus();
+}
+
+function failed(error, what) {
+  if (error instanceof Unauthorized) {
+    showLogin("The server refused that key.");
+  } else {
+    $("status").textContent = what + ": " + error.message;
+    $("status").className = "error";
+  }
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function render(page) {
+  const body = document.createElement("tbody");
+  body.id = "rows";
+  const owners = new Set();
+  for (const task of page.tasks) {
+    const row = document.createElement("tr");
+    row.dataset.taskId = task.id;
+    if (task.completed) row.className = "done";
+    const first = cell(row, "", "");
+    const subject = document.createElement("div");
+    subject.className = "subject";
+    subject.textContent = task.subject;
+    const id = document.createElement("div");
+    id.className = "id";
+    id.textContent = task.id;
+    first.append(subject, id);
+    if (task.description) {
+      const description = document.createElement("div");
+      description.className = "description";
+      description.textContent = task.description;
+      first.appendChild(description);
+    }
+    for (const name of columns) cell(row, task[name], name);
+    const action = document.createElement("button");
+    action.type = "button";
+    action.className = "toggle";
+    action.textContent = task.completed ? "Reopen" : "Complete";
+    action.addEventListener("click", () => toggle(task, action));
+    row.appendChild(document.createElement("td")).appendChild(action);
+    body.appendChild(row);
+    if (task.ownerId) owners.add(task.ownerId);
+  }
+  $("rows").replaceWith(body);
+  $("empty").hidden = page.tasks.length > 0;
+  $("more").hidden = !page.nextCursor || pageSize >= 500;
+  const list = $("owners");
+  for (const owner of owners) {
+    if (![...list.options].some((option) => option.value === owner)) {
+      const option = document.createElement("option");
+      option.value = owner;
+      list.appendChild(option);
+    }
+  }
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  const query = new URLSearchParams({limit: String(pageSize)});
+  const state = $("state").value;
+  if (state !== "all") query.set("completed", state === "completed" ? "true" : "false");
+  const owner = $("owner").value.trim();
+  if (owner) query.set("ownerId", owner);
+  try {
+    render(await call("GET", "/tasks?" + query));
+    $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+    $("status").className = "";
+  } catch (error) {
+    failed(error, "Could not refresh");
+    if (error instanceof Unauthorized) return;
+  }
+  timer = setTimeout(refresh, 3000);
+}
+
+async function toggle(task, button) {
+  button.disabled = true;
+  try {
+    await call("PATCH", "/tasks/" + encodeURIComponent(task.id), {completed: !task.completed});
+  } catch (error) {
+    failed(error, "Could not update the task");
+  }
+  if (sessionStorage.getItem(storageKey)) refresh();
+}
+
+$("header-name").textContent = keyHeader;
+$("login").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(storageKey, $("key").value.trim());
+  try {
+    await call("GET", "/tasks?limit=1");
+  } catch (error) {
+    if (error instanceof Unauthorized) return showLogin("The server refused that key.");
+    $("login-error").textContent = "Could not reach the server: " + error.message;
+    return;
+  }
+  $("login").hidden = true;
+  $("tasks-view").hidden = false;
+  refresh();
+});
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
+$("state").addEventListener("change", refresh);
+$("owner").addEventListener("change", refresh);
+$("forget").addEventListener("click", () => showLogin("Key forgotten."));
+$("more").addEventListener("click", () => { pageSize = Math.min(pageSize + 100, 500); refresh(); });
+if (sessionStorage.getItem(storageKey)) {
+  $("login").hidden = true;
+  $("tasks-view").hidden = false;
+  refresh();
+} else {
+  showLogin("");
+}
+"""
+
+_DASHBOARD_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>genesy-tasks</title>
+<link rel="icon" href="data:,">
+<style>%(style)s</style>
+</head>
+<body data-base="%(base)s" data-key-header="%(header)s">
+<header><h1>genesy-tasks</h1><span id="status" role="status"></span></header>
+<form id="login" hidden method="post" action="#">
+  <label>API key (sent in the <code id="header-name"></code> header)
+    <input id="key" type="password" autocomplete="off" required></label>
+  <button type="submit">Open</button>
+  <span id="login-error" class="error" role="alert"></span>
+</form>
+<main id="tasks-view" hidden>
+  <form id="filters" method="post" action="#">
+    <label>Show <select id="state">
+      <option value="all">all tasks</option>
+      <option value="open">open tasks</option>
+      <option value="completed">completed tasks</option>
+    </select></label>
+    <label>Owner <input id="owner" list="owners" placeholder="any ownerId"></label>
+    <datalist id="owners"></datalist>
+    <button type="submit">Filter</button>
+    <button type="button" id="forget">Forget key</button>
+  </form>
+  <table>
+    <thead><tr><th>Subject</th><th>Type</th><th>Owner</th><th>Contact</th>
+      <th>Company</th><th>Due</th><th>Created</th><th>Completed</th><th></th></tr></thead>
+    <tbody id="rows"></tbody>
+  </table>
+  <p id="empty" class="empty" hidden>No tasks here yet. Tasks Genesy creates appear within
+    a few seconds.</p>
+  <p><button type="button" id="more" hidden>Show more</button></p>
+</main>
+<script>%(script)s</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(source):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
+
+
+_DASHBOARD_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        % (_csp_hash(_DASHBOARD_SCRIPT), _csp_hash(_DASHBOARD_STYLE))),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def dashboard_page(header=DEFAULT_HEADER, base_path=""):
+    """The dashboard's HTML for an app reached at ``base_path`` with this key header."""
+    return (_DASHBOARD_PAGE % {
+        "style": _DASHBOARD_STYLE, "script": _DASHBOARD_SCRIPT,
+        "base": html.escape(base_path), "header": html.escape(header)}).encode("utf-8")
+
+
+def _error_responses(*statuses):
+    return {str(status): {"$ref": "#/components/responses/%d" % status}
+            for status in statuses + (401, 500, 503)}
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: bad JSON, a field or parameter that breaks the contract",
+    401: "Missing or invalid API key",
+    404: "No task with this id",
+    413: "Request body or batch too large",
+    415: "Request body not declared as JSON",
+    422: "Idempotency-Key reused with a different request body",
+    500: "Unexpected failure; the traceback is logged, never sent",
+    503: "The task database is unavailable (locked, read-only, disk full); retry",
+}
+
+
+def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
+                     max_batch=DEFAULT_MAX_BATCH, base_path="/"):
+    """The OpenAPI 3.1 description of the routes :func:`make_app` serves."""
+    text_or_null = {"type": ["string", "null"]}
+    # The shape of an ISO 8601 date or date-time; is_iso8601 also checks the
+    # day exists, which a pattern cannot.
+    iso8601 = (r"^[0-9]{4}(-?)[0-9]{2}\1[0-9]{2}([Tt][0-9]{2}(:?)[0-9]{2}(\3[0-9]{2}"
+               r"([.,][0-9]+)?)?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?)?$")
+    due_date = {"type": ["string", "null"], "pattern": iso8601,
+                "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"}
+    writable = {name: dict(text_or_null) for name in _OPTIONAL_FIELDS}
+    writable["dueDate"] = due_date
+    subject = {"type": "string", "pattern": r"\S", "description": "Not blank"}
+    timestamp = {"type": "string", "format": "date-time"}
+    ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
+
+    def body(schema_name, description):
+        return {"required": True, "description": description, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/" + schema_name}}}}
+
+    def json_response(description, schema, headers=None):
+        response = {"description": description,
+                    "content": {"application/json": {"schema": schema}}}
+        if headers:
+            response["headers"] = headers
+        return response
+
+    task = {"$ref": "#/components/schemas/Task"}
+    tasks = {"type": "array", "items": task}
+    task_id = {"name": "taskId", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[^/]+$", "not": {"const": "batch"}}}
+    list_parameters = [
+        {"name": name, "in": "query", "required": False, "schema": schema,
+         "description": description}
+        for name, schema, description in (
+            ("ownerId", {"type": "string"}, "Only tasks with this ownerId"),
+            ("contactId", {"type": "string"}, "Only tasks with this contactId"),
+            ("companyId", {"type": "string"}, "Only tasks with this companyId"),
+            ("type", {"type": "string"}, "Only tasks of this type"),
+            ("completed", {"type": "boolean"}, "Only completed (true) or open (false) tasks"),
+            ("dueBefore", {"type": "string", "pattern": iso8601},
+             "Only tasks due before this instant (exclusive)"),
+            ("dueAfter", {"type": "string", "pattern": iso8601},
+             "Only tasks due at or after this instant"),
+            ("order", {"type": "string", "enum": ["newest", "oldest"], "default": "newest"},
+             "Creation order"),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                       "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
+            ("cursor", {"type": "string"},
+             "nextCursor of the previous page, with the same other parameters"),
+        )]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Genesy Tasks API (genesy-tasks)",
+            "version": __version__,
+            "description": (
+                "The Tasks endpoints Genesy calls on a CRM, plus listing and deleting. "
+                "Every error body is {\"error\": title, \"message\": cause}. A method a "
+                "path does not support is a 405 with an Allow header; an unknown path "
+                "is a 404. Request bodies are limited to %d bytes and batches to %d ids."
+                % (max_body, max_batch)),
+        },
+        "servers": [{"url": base_path}],
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/health": {"get": {
+                "operationId": "health", "summary": "Health check for Genesy",
+                "responses": {"200": json_response("Serving", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"const": "ok"}}}),
+                    **_error_responses()},
+            }},
+            "/tasks": {
+                "get": {
+                    "operationId": "listTasks", "summary": "List tasks, newest first",
+                    "parameters": list_parameters,
+                    "responses": {"200": json_response("One page of tasks", {
+                        "type": "object", "required": ["tasks", "nextCursor"],
+                        "additionalProperties": False,
+                        "properties": {"tasks": tasks,
+                                       "nextCursor": {"type": ["string", "null"]}}}),
+                        **_error_responses(400)},
+                },
+                "post": {
+                    "operationId": "createTask", "summary": "Create a task",
+                    "parameters": [{
+                        "name": "Idempotency-Key", "in": "header", "required": False,
+                        "description": "Retries with this key and the same body return the "
+                                       "first response instead of creating another task "
+                                       "(kept %d hours). Bare or quoted." % (IDEMPOTENCY_TTL // 3600),
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 257,
+                                   "pattern": "^[!-~]+$"}}],
+                    "requestBody": body("NewTask", "The task; unknown fields are ignored"),
+                    "responses": {"201": json_response("Created", task, {
+                        "Location": {"description": "The task's URL",
+                                     "schema": {"type": "string"}},
+                        "Idempotent-Replayed": {
+                            "description": "true when this is a stored earlier response",
+                            "schema": {"type": "string", "enum": ["true"]}}}),
+                        **_error_responses(400, 413, 415, 422)},
+                },
+            },
+            "/tasks/batch": {
+                "post": {
+                    "operationId": "getTasksBatch", "summary": "Get many tasks",
+                    "requestBody": body("BatchGet", "The ids to fetch"),
+                    "responses": {"200": json_response(
+                        "The tasks found, in request order, each once; unknown ids omitted",
+                        tasks), **_error_responses(400, 413, 415)},
+                },
+                "patch": {
+                    "operationId": "completeTasksBatch",
+                    "summary": "Complete (or reopen) many tasks in one transaction",
+                    "requestBody": body("BatchComplete", "The ids and the completed state"),
+                    "responses": {"200": json_response(
+                        "The tasks found, updated, in request order; unknown ids omitted",
+                        tasks), **_error_responses(400, 413, 415)},
+                },
+            },
+            "/tasks/{taskId}": {
+                "parameters": [task_id],
+                "get": {
+                    "operationId": "getTask", "summary": "Get a task",
+                    "responses": {"200": json_response("The task", task),
+                                  **_error_responses(404)},
+                },
+                "patch": {
+                    "operationId": "updateTask",
+                    "summary": "Update a task: complete, reopen, or change fields",
+                    "requestBody": body("TaskChanges", "The fields to change"),
+                    "responses": {"200": json_response("The updated task", task),
+                                  **_error_responses(400, 404, 413, 415)},
+                },
+                "delete": {
+                    "operationId": "deleteTask", "summary": "Delete a task",
+                    "responses": {"204": {"description": "Deleted"},
+                                  **_error_responses(404)},
+                },
+            },
+            "/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document", "security": [],
+                "responses": {"200": json_response("OpenAPI 3.1", {"type": "object"})},
+            }},
+            "/": {"get": {
+                "operationId": "dashboard", "security": [],
+                "summary": "A page to watch and complete tasks; it asks for the key",
+                "responses": {"200": {"description": "The dashboard",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }},
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": header}},
+            "schemas": {
+                "Task": {
+                    "type": "object", "required": list(TASK_FIELDS),
+                    "additionalProperties": False,
+                    "properties": {
+                        "id": {"type": "string"}, "subject": {"type": "string"},
+                        **{name: dict(text_or_null) for name in _OPTIONAL_FIELDS},
+                        "completed": {"type": "boolean"},
+                        "completedAt": {"type": ["string", "null"], "format": "date-time"},
+                        "createdAt": timestamp, "updatedAt": timestamp,
+                    },
+                },
+                "NewTask": {
+                    "type": "object", "required": ["subject"],
+                    "properties": {"subject": subject, **writable},
+                },
+                "TaskChanges": {
+                    "type": "object",
+                    "description": "At least one known field; completed true keeps the "
+                                   "first completedAt, false reopens",
+                    "properties": {"subject": subject, **writable,
+                                   "completed": {"type": "boolean"}},
+                    "anyOf": [{"required": [name]}
+                              for name in ("subject",) + _OPTIONAL_FIELDS + ("completed",)],
+                },
+                "BatchGet": {
+                    "type": "object", "required": ["ids"], "properties": {"ids": ids},
+                },
+                "BatchComplete": {
+                    "type": "object", "required": ["ids", "completed"],
+                    "properties": {"ids": ids, "completed": {"type": "boolean"}},
+                },
+                "Error": {
+                    "type": "object", "required": ["error", "message"],
+                    "additionalProperties": False,
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+            "responses": {
+                str(status): json_response(description, {"$ref": "#/components/schemas/Error"},
+                                           {"Retry-After": {"schema": {"type": "string"}}}
+                                           if status == 503 else None)
+                for status, description in _ERROR_DESCRIPTIONS.items()},
+        },
+    }
+
+
 def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
              max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH):
     """Build the Genesy Tasks API as a Bottle application.
@@ -952,10 +1417,36 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         route.__name__ = callback.__name__
         return route
 
+    def base_path(environ):
+        """Where the app's routes start, "" at the root: mounted inside another
+        Bottle app, they carry its mount prefix."""
+        return (environ.get("SCRIPT_NAME", "").rstrip("/")
+                + app.config.get("_mount.prefix", "/").rstrip("/"))
+
     def task_location(environ, task_id):
-        # Mounted inside another Bottle app, routes carry the mount prefix.
-        prefix = app.config.get("_mount.prefix", "/")
-        return environ.get("SCRIPT_NAME", "").rstrip("/") + prefix + "tasks/" + task_id
+        return base_path(environ) + "/tasks/" + task_id
+
+    documents, pages = {}, {}  # encoded once per base path the app is reached under
+
+    @app.get("/")
+    def dashboard():
+        base = base_path(bottle.request.environ)
+        if base not in pages:
+            pages[base] = dashboard_page(header, base)
+        bottle.response.content_type = "text/html; charset=utf-8"
+        for name, value in _DASHBOARD_HEADERS.items():
+            bottle.response.set_header(name, value)
+        return pages[base]
+
+    @app.get("/openapi.json")
+    def openapi():
+        base = base_path(bottle.request.environ)
+        if base not in documents:
+            documents[base] = _json_bytes(openapi_document(header, max_body, max_batch,
+                                                           base or "/"))
+        bottle.response.content_type = "application/json"
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        return documents[base]
 
     @app.get("/health")
     @api

@@ -750,7 +750,7 @@ def test_without_keys_a_strong_key_is_generated_and_kept_in_the_database(db_path
 
 
 def test_unknown_routes_are_json_404s(api):
-    for path in ("/", "/task", "/tasks/", "/tasks/a/b", "/users"):
+    for path in ("/index.html", "/task", "/tasks/", "/tasks/a/b", "/users"):
         response = api.get(path, headers=HEADERS, status=404)
         assert_error(response, 404, mentions=[path])
 
@@ -986,6 +986,107 @@ def test_the_example_database_holds_the_readme_tasks(tmp_path):
         conn = store._connection()
         assert conn.execute("SELECT count(*) FROM genesy_meta WHERE key = 'api_key'"
                             ).fetchone()[0] == 0
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------
+
+def _openapi_path(rule):
+    """A Bottle route rule as an OpenAPI path template."""
+    return re.sub(r"<task_id[^>]*>", "{taskId}", rule)
+
+
+def test_the_openapi_document_is_valid_openapi_3_1_and_needs_no_key(api):
+    from openapi_spec_validator import validate
+    response = api.get("/openapi.json", status=200)
+    assert response.content_type == "application/json"
+    document = response.json
+    assert document["openapi"].startswith("3.1")
+    assert document["info"]["version"] == genesy_tasks.__version__
+    validate(document)
+
+
+def test_the_openapi_document_lists_exactly_the_routes_the_app_serves(tasks_app, api):
+    document = api.get("/openapi.json").json
+    served = {(route.method.lower(), _openapi_path(route.rule)) for route in tasks_app.routes}
+    described = {(method, path) for path, item in document["paths"].items()
+                 for method in item if method != "parameters"}
+    assert served == described
+
+
+def test_the_openapi_security_scheme_names_the_configured_header(db_path):
+    custom = make_app(db_path, api_keys=KEY, header="Authorization-Token")
+    document = webtest.TestApp(custom).get("/openapi.json").json
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "apiKey", "in": "header", "name": "Authorization-Token"}
+    custom.close()
+
+
+def test_the_openapi_servers_entry_follows_the_mount_point(db_path):
+    crm = bottle.Bottle()
+    crm.mount("/genesy/", make_app(db_path, api_keys=KEY))
+    document = webtest.TestApp(crm).get("/genesy/openapi.json").json
+    assert document["servers"] == [{"url": "/genesy"}]
+
+
+def _response_schema(document, method, path, status):
+    """The JSON schema the document gives for one response, resolvable on its own."""
+    response = document["paths"][path][method]["responses"][str(status)]
+    if "$ref" in response:
+        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    schema = response["content"]["application/json"]["schema"]
+    return dict(schema, components=document["components"])
+
+
+def test_real_responses_conform_to_the_openapi_document(api):
+    from openapi_schema_validator import OAS31Validator
+    document = api.get("/openapi.json").json
+    task = create(api, **FULL_TASK)
+    missing = "/tasks/task-missing"
+    exchanges = [
+        ("get", "/health", api.get("/health", headers=HEADERS)),
+        ("get", "/health", api.get("/health", status=401)),
+        ("get", "/tasks", api.get("/tasks?limit=1", headers=HEADERS)),
+        ("get", "/tasks", api.get("/tasks?limit=x", headers=HEADERS, status=400)),
+        ("post", "/tasks", api.post_json("/tasks", FULL_TASK, headers=HEADERS)),
+        ("post", "/tasks", api.post_json("/tasks", {}, headers=HEADERS, status=400)),
+        ("post", "/tasks", api.post("/tasks", "x", headers=HEADERS, status=415)),
+        ("post", "/tasks/batch", api.post_json("/tasks/batch", {"ids": [task["id"], "x"]},
+                                               headers=HEADERS)),
+        ("patch", "/tasks/batch", api.patch_json("/tasks/batch", {"ids": [task["id"]],
+                                                 "completed": True}, headers=HEADERS)),
+        ("get", "/tasks/{taskId}", api.get("/tasks/" + task["id"], headers=HEADERS)),
+        ("get", "/tasks/{taskId}", api.get(missing, headers=HEADERS, status=404)),
+        ("patch", "/tasks/{taskId}", api.patch_json("/tasks/" + task["id"],
+                                                    {"completed": False}, headers=HEADERS)),
+        ("delete", "/tasks/{taskId}", api.delete(missing, headers=HEADERS, status=404)),
+    ]
+    for method, path, response in exchanges:
+        operation = document["paths"][path][method]
+        assert str(response.status_int) in operation["responses"], (method, path)
+        OAS31Validator(_response_schema(document, method, path, response.status_int)
+                       ).validate(response.json)
+    deleted = api.delete("/tasks/" + task["id"], headers=HEADERS, status=204)
+    assert "204" in document["paths"]["/tasks/{taskId}"]["delete"]["responses"]
+    assert deleted.body == b""
+
+
+def test_the_openapi_request_schemas_match_the_validation(api):
+    from openapi_schema_validator import OAS31Validator
+    document = api.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+
+    def accepts(name, body):
+        return OAS31Validator(dict(schemas[name], components=document["components"])
+                              ).is_valid(body)
+
+    assert accepts("NewTask", FULL_TASK) and accepts("NewTask", {"subject": "x"})
+    for refused in ({}, {"subject": " "}, {"subject": 5}, {"subject": "x", "dueDate": "soon"}):
+        assert not accepts("NewTask", refused)
+        api.post_json("/tasks", refused, headers=HEADERS, status=400)
+    assert not accepts("TaskChanges", {}) and not accepts("TaskChanges", {"other": 1})
+    assert accepts("TaskChanges", {"completed": True})
+    assert not accepts("BatchComplete", {"ids": []})
+    assert accepts("BatchGet", {"ids": ["a"]}) and not accepts("BatchGet", {"ids": [1]})
 
 
 # -- the real server ------------------------------------------------------------------------------
@@ -1279,3 +1380,152 @@ def test_head_requests_get_headers_only(server):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 15" in head
     assert body == b""
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+def test_the_dashboard_is_one_self_contained_page_that_needs_no_key(api):
+    response = api.get("/", status=200)
+    assert response.content_type == "text/html"
+    page = response.text
+    assert 'data-key-header="X-API-Key"' in page
+    # Nothing is fetched from elsewhere: no external URL, and a policy that forbids it.
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert ".innerHTML" not in page and "insertAdjacentHTML" not in page
+    # The key input has no name, so even a form submitted without the script
+    # could never put the key in a URL.
+    assert re.search(r'<input id="key" type="password"(?![^>]*name=)', page)
+
+
+def test_the_dashboard_escapes_the_configured_header_and_knows_its_mount_point(db_path):
+    crm = bottle.Bottle()
+    crm.mount("/genesy/", make_app(db_path, api_keys=KEY, header="X-Key&'"))
+    page = webtest.TestApp(crm).get("/genesy/").text
+    assert 'data-base="/genesy"' in page and 'data-key-header="X-Key&amp;&#x27;"' in page
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+HOSTILE_SUBJECT = '<img src=x onerror="document.title=1">Call <b>Ann</b> & co'
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("GENESY_TASKS_REQUIRE_CHROMIUM"):  # set by .ci/run
+            pytest.fail("Chromium is required here but %s or %s is missing"
+                        % (CHROMIUM, CHROMEDRIVER))
+        pytest.skip("Chromium is not installed here (Debian packages chromium and "
+                    "chromium-driver; .ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                     "--window-size=1280,640", "--user-data-dir=%s" % (tmp_path / "chromium")):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def _eventually(check, timeout=15):
+    """Poll ``check`` until it returns something true; the page refreshes every 3 s."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except (StaleElementReferenceException, LookupError):
+            result = None
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        time.sleep(0.1)
+
+
+def _row(driver, task_id):
+    from selenium.webdriver.common.by import By
+    rows = driver.find_elements(By.CSS_SELECTOR, "#rows tr")
+    for row in rows:
+        if row.get_attribute("data-task-id") == task_id:
+            return row
+    return None
+
+
+def test_the_dashboard_in_chromium_shows_tasks_arrive_and_completes_them(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    url = "http://%s:%d/" % (server.host, server.port)
+    browser.get(url)
+    key_input = _eventually(lambda: browser.find_element(By.ID, "key").is_displayed()
+                            and browser.find_element(By.ID, "key"))
+    key_input.send_keys("wrong-key")
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    _eventually(lambda: "refused" in browser.find_element(By.ID, "login-error").text)
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    _eventually(lambda: browser.find_element(By.ID, "tasks-view").is_displayed())
+    assert KEY not in browser.current_url
+    assert browser.execute_script(
+        "return sessionStorage.getItem('genesy-tasks-api-key')") == KEY
+
+    # A task Genesy creates appears by itself, its untrusted fields shown as text.
+    _, _, task = server.request("POST", "/tasks", {
+        "subject": HOSTILE_SUBJECT, "ownerId": "user-<script>", "type": "call",
+        "description": "line one\nline two"})
+    row = _eventually(lambda: _row(browser, task["id"]))
+    assert row.find_element(By.CSS_SELECTOR, ".subject").text == HOSTILE_SUBJECT
+    assert row.find_element(By.CSS_SELECTOR, ".ownerId").text == "user-<script>"
+    assert browser.find_elements(By.CSS_SELECTOR, "#rows img, #rows b, #rows script") == []
+    assert browser.title == "genesy-tasks"
+
+    if os.environ.get("GENESY_DASHBOARD_SCREENSHOT"):  # how docs/dashboard.png is made
+        for subject, owner in (("Send proposal", "user-123"), ("Book a demo with Acme", "user-321")):
+            made = server.request("POST", "/tasks", {"subject": subject, "ownerId": owner,
+                                                     "type": "email", "dueDate": "2024-01-16",
+                                                     "contactId": "contact-456"})[2]
+        server.request("PATCH", "/tasks/" + made["id"], {"completed": True})
+        _eventually(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#rows tr")) == 3)
+        browser.save_screenshot(os.environ["GENESY_DASHBOARD_SCREENSHOT"])
+
+    # Complete it from the page; the API agrees.
+    _row(browser, task["id"]).find_element(By.CSS_SELECTOR, "button.toggle").click()
+    _eventually(lambda: server.request("GET", "/tasks/" + task["id"])[2]["completed"])
+    _eventually(lambda: _row(browser, task["id"]).find_element(
+        By.CSS_SELECTOR, "button.toggle").text == "Reopen")
+
+    # Filtering: open tasks only hides it; completed shows it again; then reopen it.
+    Select(browser.find_element(By.ID, "state")).select_by_value("open")
+    _eventually(lambda: _row(browser, task["id"]) is None)
+    Select(browser.find_element(By.ID, "state")).select_by_value("completed")
+    _eventually(lambda: _row(browser, task["id"]))
+    _row(browser, task["id"]).find_element(By.CSS_SELECTOR, "button.toggle").click()
+    _eventually(lambda: not server.request("GET", "/tasks/" + task["id"])[2]["completed"])
+
+    # The owner filter.
+    Select(browser.find_element(By.ID, "state")).select_by_value("all")
+    owner = browser.find_element(By.ID, "owner")
+    owner.send_keys("someone-else")
+    browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
+    _eventually(lambda: _row(browser, task["id"]) is None)
+    owner.clear()
+    owner.send_keys("user-<script>")
+    browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
+    _eventually(lambda: _row(browser, task["id"]))
+
+    # The page broke no rule of its Content-Security-Policy and threw nothing
+    # (the wrong key's 401 is the one network error expected).
+    problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
+                and not (entry["source"] == "network" and "401" in entry["message"])]
+    assert problems == []
+    # Forgetting the key clears it from the browser.
+    browser.find_element(By.ID, "forget").click()
+    assert browser.execute_script("return sessionStorage.getItem('genesy-tasks-api-key')") is None
