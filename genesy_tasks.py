@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import html
+import http.client
 import io
 import json
 import os
@@ -29,12 +30,13 @@ import re
 import secrets
 import signal
 import sqlite3
+import ssl
 import sys
 import threading
 import time
 import traceback
 from datetime import datetime, timedelta
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 import bottle
 
@@ -1999,6 +2001,302 @@ class TaskServer:
 
 
 ###############################################################################
+# Contract check: Genesy's calls against any server ###########################
+###############################################################################
+
+#: Tasks the check creates carry this in their subject, so they can be found.
+CHECK_SUBJECT = "genesy-tasks check: safe to delete"
+
+
+class _CheckClient:
+    """Just enough HTTP for the check: one kept-alive connection, JSON in and out."""
+
+    def __init__(self, url, key, header, timeout, insecure):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the URL must start with http:// or https://, not %r" % url)
+        self.base = parts.path.rstrip("/")
+        self.key, self.header = key, header
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            if insecure:
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            self._connect = lambda: http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout, context=context)
+        else:
+            self._connect = lambda: http.client.HTTPConnection(
+                parts.hostname, parts.port, timeout=timeout)
+        self._conn = None
+
+    def call(self, method, path, body=None, key=True):
+        """(status, parsed JSON body or None, raw text) for one request."""
+        headers = {"Accept": "application/json"}
+        if key is True:
+            headers[self.header] = self.key
+        elif key:
+            headers[self.header] = key
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):  # once more on a fresh connection if the kept one was closed
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                self._conn.request(method, self.base + path, body=data, headers=headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+        if response.will_close:
+            self._conn.close()
+            self._conn = None
+        text = raw.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = None
+        return response.status, parsed, text
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+
+
+class _CheckFailed(Exception):
+    """One check's failure; the message says what was seen."""
+
+
+def _seen(status, text, limit=160):
+    """A response in a few words for a check line."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return "%s %s" % (status, text) if text else str(status)
+
+
+def _expect(condition, message):
+    if not condition:
+        raise _CheckFailed(message)
+
+
+def _expect_status(result, expected, what):
+    status, _, text = result
+    _expect(status in expected, "%s -> %s (expected %s)"
+            % (what, _seen(status, text), " or ".join(map(str, expected))))
+
+
+def _expect_task(task, what, sent=None, completed=None):
+    _expect(isinstance(task, dict), "%s: the body is not a JSON object" % what)
+    _expect(isinstance(task.get("id"), str) and task["id"], "%s: no string id" % what)
+    for name, value in (sent or {}).items():
+        _expect(task.get(name) == value, "%s: %s is %s, sent %s" % (
+            what, name, json.dumps(task.get(name)), json.dumps(value)))
+    if completed is not None:
+        _expect(task.get("completed") is completed, "%s: completed is %s, expected %s"
+                % (what, json.dumps(task.get("completed")), json.dumps(completed)))
+        if completed:
+            at = task.get("completedAt")
+            _expect(isinstance(at, str) and is_iso8601(at),
+                    "%s: completedAt %s is not an ISO 8601 date-time" % (what, json.dumps(at)))
+
+
+def _expect_error_body(result, what):
+    status, body, text = result
+    _expect(isinstance(body, dict) and isinstance(body.get("error"), str)
+            and isinstance(body.get("message"), str),
+            "%s -> %s: not Genesy's error body {\"error\": ..., \"message\": ...}"
+            % (what, _seen(status, text)))
+
+
+def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=False,
+                       out=None):
+    """Run Genesy's calls against the server at ``url``; print a line per check.
+
+    Returns the number of failed checks. Tasks it creates have CHECK_SUBJECT
+    in their subject and are deleted afterwards where the server allows it.
+    """
+    out = out or sys.stdout
+    client = _CheckClient(url, key, header, timeout, insecure)
+    marker = "%s %s" % (CHECK_SUBJECT, secrets.token_hex(4))
+    missing = "genesy-check-missing-" + secrets.token_hex(8)
+    sent = {"subject": marker, "description": "Created by genesy-tasks check",
+            "type": "call", "ownerId": "genesy-check-owner",
+            "dueDate": "2030-01-15T10:00:00Z", "contactId": "genesy-check-contact",
+            "companyId": "genesy-check-company"}
+    created, state, failures = [], {}, []
+
+    def path_of(task_id):
+        return "/tasks/" + quote(task_id, safe="")
+
+    def create(what):
+        result = client.call("POST", "/tasks", sent)
+        _expect_status(result, (200, 201), what)
+        _expect_task(result[1], what, sent)
+        created.append(result[1]["id"])
+        return result[1]["id"]
+
+    def check_health():
+        result = client.call("GET", "/health")
+        _expect(200 <= result[0] < 300, "GET /health -> %s (expected 2xx)" % _seen(*result[::2]))
+        return "GET /health -> %d" % result[0]
+
+    def check_health_key():
+        result = client.call("GET", "/health", key="genesy-check-wrong-key")
+        _expect_status(result, (401,), "GET /health with a wrong key")
+        return "GET /health with a wrong key -> 401"
+
+    def check_create():
+        state["task"] = create("POST /tasks")
+        return "POST /tasks -> id %s" % state["task"]
+
+    def needs_task():
+        _expect("task" in state, "needs the task from the create check, which failed")
+        return state["task"]
+
+    def check_get():
+        task_id = needs_task()
+        what = "GET " + path_of(task_id)
+        result = client.call("GET", path_of(task_id))
+        _expect_status(result, (200,), what)
+        _expect_task(result[1], what, dict(sent, id=task_id), completed=False)
+        return "%s -> 200, the fields sent, completed false" % what
+
+    def check_missing():
+        what = "GET " + path_of(missing)
+        result = client.call("GET", path_of(missing))
+        _expect_status(result, (404,), what)
+        _expect_error_body(result, what)
+        return "%s -> 404 %s" % (what, result[1]["error"])
+
+    def check_complete():
+        task_id = needs_task()
+        what = "PATCH %s {\"completed\": true}" % path_of(task_id)
+        result = client.call("PATCH", path_of(task_id), {"completed": True})
+        _expect_status(result, (200,), what)
+        _expect_task(result[1], what, {"id": task_id}, completed=True)
+        again = client.call("GET", path_of(task_id))
+        _expect_task(again[1], "GET " + path_of(task_id) + " afterwards",
+                     {"id": task_id}, completed=True)
+        return "%s -> 200, completed, completedAt %s" % (what, result[1]["completedAt"])
+
+    def check_batch_get():
+        state["pair"] = pair = [create("POST /tasks"), create("POST /tasks")]
+        what = "POST /tasks/batch with 2 ids and a missing one"
+        result = client.call("POST", "/tasks/batch", {"ids": [pair[0], missing, pair[1]]})
+        state["batch get"] = result
+        _expect_status(result, (200,), what)
+        _expect(isinstance(result[1], list), "%s -> %s: not a JSON array"
+                % (what, _seen(result[0], result[2])))
+        ids = [task.get("id") if isinstance(task, dict) else task for task in result[1]]
+        _expect(sorted(ids) == sorted(pair), "%s -> ids %s (expected %s, the missing one "
+                                             "omitted)" % (what, ids, pair))
+        return "%s -> 200, the 2 tasks, the missing id omitted" % what
+
+    def check_batch_complete():
+        _expect("pair" in state, "needs the tasks from the batch get check, which failed")
+        pair = state["pair"]
+        what = "PATCH /tasks/batch {\"ids\": [2 ids], \"completed\": true}"
+        result = client.call("PATCH", "/tasks/batch", {"ids": pair, "completed": True})
+        state["batch complete"] = result
+        _expect_status(result, (200,), what)
+        _expect(isinstance(result[1], list), "%s -> %s: not a JSON array"
+                % (what, _seen(result[0], result[2])))
+        ids = sorted(task.get("id") for task in result[1] if isinstance(task, dict))
+        _expect(ids == sorted(pair), "%s -> ids %s (expected %s)" % (what, ids, pair))
+        for task in result[1]:
+            _expect_task(task, what, completed=True)
+        for task_id in pair:
+            _expect_task(client.call("GET", path_of(task_id))[1],
+                         "GET %s afterwards" % path_of(task_id), completed=True)
+        return "%s -> 200, both completed" % what
+
+    def check_batch_routing():
+        # Genesy's own example server registers PATCH /tasks/:id first, so its
+        # batch complete reaches the single-task handler with the id "batch".
+        for method, key in (("POST", "batch get"), ("PATCH", "batch complete")):
+            _expect(key in state, "needs the %s check's response" % key)
+            status, body, text = state[key]
+            as_task_id = ((isinstance(body, dict) and body.get("id") == "batch")
+                          or (status == 404 and "batch" in text))
+            _expect(not as_task_id, "%s /tasks/batch was handled as the task id \"batch\": %s"
+                    % (method, _seen(status, text)))
+            _expect(isinstance(body, list), "%s /tasks/batch -> %s: not the batch handler's "
+                                            "array" % (method, _seen(status, text)))
+        return "POST and PATCH /tasks/batch reach the batch handlers"
+
+    def check_create_key():
+        result = client.call("POST", "/tasks", sent, key="genesy-check-wrong-key")
+        if 200 <= result[0] < 300 and isinstance(result[1], dict) and result[1].get("id"):
+            created.append(result[1]["id"])
+        _expect_status(result, (401,), "POST /tasks with a wrong key")
+        return "POST /tasks with a wrong key -> 401"
+
+    def check_no_key():
+        task_id = state.get("task", missing)
+        result = client.call("GET", path_of(task_id), key=None)
+        _expect_status(result, (401,), "GET %s without a key" % path_of(task_id))
+        _expect_error_body(result, "GET %s without a key" % path_of(task_id))
+        return "GET %s without a key -> 401" % path_of(task_id)
+
+    checks = [
+        ("health", check_health),
+        ("health refuses a wrong key", check_health_key),
+        ("create", check_create),
+        ("get", check_get),
+        ("missing task is a 404", check_missing),
+        ("complete", check_complete),
+        ("batch get omits missing ids", check_batch_get),
+        ("batch complete", check_batch_complete),
+        ("batch paths are not task ids", check_batch_routing),
+        ("create refuses a wrong key", check_create_key),
+        ("get refuses a missing key", check_no_key),
+    ]
+    print("genesy-tasks check %s (key in the %s header)" % (url, header), file=out)
+    try:
+        for name, check in checks:
+            try:
+                print("PASS  %s: %s" % (name, check()), file=out)
+            except _CheckFailed as failure:
+                failures.append(name)
+                print("FAIL  %s: %s" % (name, failure), file=out)
+            except (OSError, http.client.HTTPException) as error:
+                failures.append(name)
+                print("FAIL  %s: cannot talk to %s: %s" % (name, url, error), file=out)
+                if not created and name == checks[0][0]:
+                    print("      (the server cannot be reached; the other checks were not run)",
+                          file=out)
+                    failures.extend(other for other, _ in checks[1:])
+                    break
+            out.flush()
+        _clean_up(client, created, path_of, marker, out)
+    finally:
+        client.close()
+    print("%d checks: %d passed, %d failed" % (len(checks), len(checks) - len(failures),
+                                               len(failures)), file=out)
+    return len(failures)
+
+
+def _clean_up(client, created, path_of, marker, out):
+    if not created:
+        return
+    answers = set()
+    for task_id in created:
+        try:
+            answers.add(client.call("DELETE", path_of(task_id))[0])
+        except (OSError, http.client.HTTPException) as error:
+            answers.add(str(error))
+    if all(isinstance(answer, int) and 200 <= answer < 300 for answer in answers):
+        print("cleanup: deleted the %d tasks the check created" % len(created), file=out)
+    else:
+        print("cleanup: left %d tasks with the subject %r (DELETE answered %s)"
+              % (len(created), marker, ", ".join(sorted(map(str, answers)))), file=out)
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2042,15 +2340,67 @@ def _build_parser():
                         help="largest request body in bytes; more is a 413 "
                              "(env GENESY_TASKS_MAX_BODY)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     title="commands (without one, the server runs)")
+    check = commands.add_parser(
+        "check", help="run Genesy's calls against a server and report each check",
+        description="Run Genesy's Tasks calls against the server at URL (this one or "
+                    "your own CRM's) and print PASS or FAIL for each check. Exits 1 if "
+                    "any check fails. Tasks it creates have the subject %r and are "
+                    "deleted afterwards where the server allows it." % CHECK_SUBJECT,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8080")
+    check.add_argument("--api-key", help="the key to send (default: GENESY_API_KEY, else "
+                                         "the key generated in --db)")
+    check.add_argument("--header", default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
+                       help="the header that carries the key (env GENESY_API_KEY_HEADER)")
+    check.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
+                       help="where to find a generated key when none is given "
+                            "(env GENESY_TASKS_DB); opened read-only")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    check.add_argument("--insecure", action="store_true",
+                       help="accept any TLS certificate (a self-signed test server)")
     return parser
 
 
+def _generated_key_in(path):
+    """The key generated in an existing database file, read without writing, or None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % quote(os.path.abspath(path)), uri=True)
+        try:
+            row = conn.execute("SELECT value FROM genesy_meta WHERE key = 'api_key'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else row[0]
+
+
+def _check_command(args):
+    keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
+    key = args.api_key or (keys[0] if keys else None) or _generated_key_in(args.db)
+    if not key:
+        print("genesy-tasks check: no API key: pass --api-key or set GENESY_API_KEY "
+              "(no generated key found in %s)" % args.db, file=sys.stderr)
+        return 2
+    try:
+        failed = run_contract_check(args.url, key, args.header, args.timeout, args.insecure)
+    except ValueError as error:
+        print("genesy-tasks check: %s" % error, file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
 def main(argv=None):
-    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    """Run the server until SIGINT or SIGTERM, or a command; return the exit status."""
     parser = _build_parser()
     # argparse also converts the defaults taken from the environment, so a bad
     # GENESY_TASKS_PORT is reported like a bad --port.
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check_command(args)
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     try:

@@ -1,7 +1,9 @@
 """Tests for genesy_tasks: WebTest against make_app, TaskStore directly, and the
 real server as a process. Each test gets a fresh database in tmp_path."""
 
+import contextlib
 import http.client
+import io
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import wsgiref.simple_server
 
 import bottle
 import pytest
@@ -1380,6 +1383,173 @@ def test_head_requests_get_headers_only(server):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 15" in head
     assert body == b""
+
+
+# -- the contract check ---------------------------------------------------------------------------
+
+def _check(url, *args):
+    """Run ``genesy-tasks check`` in this process: (exit status, output lines)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = genesy_tasks.main(["check", url, *args])
+    return status, out.getvalue().splitlines()
+
+
+def test_check_passes_against_this_server_and_cleans_up(server):
+    status, lines = _check("http://%s:%d" % (server.host, server.port), "--api-key", KEY)
+    assert status == 0, "\n".join(lines)
+    results = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    assert len(results) == 11 and all(line.startswith("PASS  ") for line in results)
+    assert "cleanup: deleted the 3 tasks the check created" in lines
+    assert lines[-1] == "11 checks: 11 passed, 0 failed"
+    with TaskStore(server.db) as store:
+        assert store.count() == 0
+
+
+def test_check_as_a_command_finds_a_fresh_servers_generated_key(tmp_path):
+    running = Server(tmp_path, env={}, db=str(tmp_path / "tasks.db"))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GENESY_")}
+    done = subprocess.run(
+        [sys.executable, MODULE, "check", "http://%s:%d" % (running.host, running.port)],
+        cwd=str(tmp_path), env=environment, capture_output=True, text=True, timeout=60)
+    running.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "11 checks: 11 passed, 0 failed"
+
+
+def _broken_server(db_path, fault):
+    """This module's app with one fault added in front of it, served on a thread."""
+    real = make_app(db_path, api_keys=KEY)
+    broken = bottle.Bottle()
+
+    def json_reply(status, body):
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps(body)
+
+    if fault == "express-route-order":
+        # Genesy's example server: PATCH /tasks/:id registered before /tasks/batch.
+        @broken.route("/tasks/<task_id>", method="PATCH")
+        def update(task_id):
+            if bottle.request.get_header("X-API-Key") != KEY:
+                return json_reply(401, {"error": "Unauthorized", "message": "bad key"})
+            task = real.store.update(task_id, bottle.request.json)
+            if task is None:
+                return json_reply(404, {"error": "Task not found",
+                                        "message": "No task exists with ID: %s" % task_id})
+            return json_reply(200, task)
+    elif fault == "batch-get-fails-on-missing-ids":
+        @broken.post("/tasks/batch")
+        def batch_get():
+            tasks = real.store.get_many(bottle.request.json["ids"])
+            if len(tasks) < len(bottle.request.json["ids"]):
+                return json_reply(404, {"error": "Task not found", "message": "some ids"})
+            return json_reply(200, tasks)
+    elif fault == "health-without-auth":
+        @broken.get("/health")
+        def health():
+            return json_reply(200, {"status": "ok"})
+    elif fault == "html-404":
+        @broken.get("/tasks/<task_id>")
+        def get_task(task_id):
+            if bottle.request.get_header("X-API-Key") != KEY:
+                return json_reply(401, {"error": "Unauthorized", "message": "bad key"})
+            task = real.store.get(task_id)
+            if task is None:
+                bottle.response.status = 404
+                return "<h1>Not Found</h1>"
+            return json_reply(200, task)
+    elif fault == "complete-is-ignored":
+        @broken.route("/tasks/<task_id:re:(?!batch$)[^/]+>", method="PATCH")
+        def update(task_id):
+            return json_reply(200, real.store.get(task_id))
+    elif fault == "no-delete":
+        @broken.route("/tasks/<task_id:re:(?!batch$)[^/]+>", method="DELETE")
+        def delete(task_id):
+            return json_reply(405, {"error": "Method not allowed", "message": "no"})
+
+    def dispatch(environ, start_response):
+        try:
+            broken.router.match(environ)
+        except bottle.HTTPError:
+            return real(environ, start_response)
+        return broken(environ, start_response)
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, dispatch, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, real
+
+
+@pytest.mark.parametrize("fault, failed, line", [
+    ("express-route-order", ["batch complete", "batch paths are not task ids"],
+     r'FAIL  batch paths are not task ids: PATCH /tasks/batch was handled as the task id '
+     r'"batch": 404 .*No task exists with ID: batch"\}'),
+    ("batch-get-fails-on-missing-ids", ["batch get omits missing ids",
+                                        "batch paths are not task ids"],
+     r"FAIL  batch get omits missing ids: POST /tasks/batch with 2 ids and a missing one "
+     r"-> 404 .*\(expected 200\)"),
+    ("health-without-auth", ["health refuses a wrong key"],
+     r"FAIL  health refuses a wrong key: GET /health with a wrong key -> 200 .*"
+     r"\(expected 401\)"),
+    ("html-404", ["missing task is a 404"],
+     r"FAIL  missing task is a 404: GET /tasks/genesy-check-missing-\w+ -> 404 "
+     r"<h1>Not Found</h1>: not Genesy's error body .*"),
+    ("complete-is-ignored", ["complete"],
+     r"FAIL  complete: PATCH /tasks/\S+ \{\"completed\": true\}: completed is false, "
+     r"expected true"),
+])
+def test_check_catches_a_broken_server_with_a_precise_line(db_path, fault, failed, line):
+    httpd, real = _broken_server(db_path, fault)
+    try:
+        status, lines = _check("http://127.0.0.1:%d" % httpd.server_port, "--api-key", KEY)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        real.close()
+    output = "\n".join(lines)
+    assert status == 1, output
+    assert sorted(re.findall(r"^FAIL  ([^:]+):", output, re.M)) == sorted(failed), output
+    assert re.search("^" + line + "$", output, re.M), output
+    assert lines[-1] == "11 checks: %d passed, %d failed" % (11 - len(failed), len(failed))
+
+
+def test_check_says_what_it_left_behind_when_delete_is_not_supported(db_path):
+    httpd, real = _broken_server(db_path, "no-delete")
+    try:
+        status, lines = _check("http://127.0.0.1:%d" % httpd.server_port, "--api-key", KEY)
+        assert status == 0
+        assert any(re.match(r"cleanup: left 3 tasks with the subject 'genesy-tasks check: "
+                            r"safe to delete \w+' \(DELETE answered 405\)", line)
+                   for line in lines), lines
+        assert real.store.count() == 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        real.close()
+
+
+def test_check_against_nothing_fails_fast_with_the_reason(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    status, lines = _check("http://127.0.0.1:%d" % port, "--api-key", KEY, "--timeout", "2")
+    assert status == 1
+    assert re.match(r"FAIL  health: cannot talk to .*refused", lines[1])
+    assert lines[-1] == "11 checks: 0 passed, 11 failed"
+
+
+def test_check_needs_a_key_and_an_http_url(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GENESY_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert genesy_tasks.main(["check", "http://127.0.0.1:9"]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "tasks.db")  # looking for a key created nothing
+    assert genesy_tasks.main(["check", "ftp://example.com", "--api-key", "k"]) == 2
+    assert "http://" in capsys.readouterr().err
 
 
 # -- the dashboard ------------------------------------------------------------------------------
