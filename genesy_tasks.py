@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import ssl
 import sys
@@ -49,6 +50,10 @@ DEFAULT_MAX_BATCH = 10_000
 # JSON escapes and whitespace.
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_BUSY_TIMEOUT = 5.0
+DEFAULT_REQUEST_TIMEOUT = 10.0
+# Each connection holds at most a request head and body in memory, so this
+# also bounds what slow clients can make the server hold.
+DEFAULT_MAX_CONNECTIONS = 256
 
 SCHEMA_VERSION = 2
 #: How long an Idempotency-Key is remembered, at least.
@@ -689,6 +694,55 @@ class TaskStore:
     def count(self):
         """How many tasks the store holds."""
         return self._connection().execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
+
+
+def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
+    """Copy the SQLite file ``source`` to ``dest`` consistently while it is in use.
+
+    One read transaction pins a snapshot for the whole copy: in WAL mode
+    writers go on meanwhile, and the stepwise copy never restarts. The copy
+    is written beside ``dest`` (0600: it holds the API key), checked with
+    ``PRAGMA quick_check`` and only then renamed into place, so ``dest`` is
+    never a half-written file. ``progress(copied_pages, total_pages)`` is
+    called after each step of ``pages`` pages. Returns the number of tasks
+    copied; raises :class:`StorageError`.
+    """
+    source, dest = os.fspath(source), os.fspath(dest)
+    if not os.path.isfile(source):
+        raise StorageError("no database file at %r" % source)
+    if os.path.exists(dest) and not overwrite:
+        raise StorageError("%r already exists; choose another name or pass --overwrite" % dest)
+    if os.path.exists(dest) and os.path.samefile(source, dest):
+        raise StorageError("the backup cannot replace the database itself")
+    partial = dest + ".partial"
+    for leftover in (partial, partial + "-wal", partial + "-shm", partial + "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
+    try:
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        raise StorageError("cannot create %r: %s" % (partial, error.strerror)) from error
+    try:
+        src = sqlite3.connect(source, isolation_level=None)
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            src.execute("BEGIN")  # the snapshot starts at the first read
+            tasks = src.execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
+            src.backup(target, pages=pages, progress=None if progress is None else
+                       lambda status, remaining, total: progress(total - remaining, total))
+            src.execute("COMMIT")
+            verdict = target.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError("the copy failed its integrity check: %s" % verdict)
+        finally:
+            target.close()
+            src.close()
+        os.replace(partial, dest)
+    except sqlite3.Error as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise StorageError("cannot back up %r: %s" % (source, error)) from error
+    return tasks
 
 
 ###############################################################################
@@ -1618,6 +1672,7 @@ class _Connection(asyncio.Protocol):
         self.head = None            # the parsed head of the request being received
         self.request_started = None  # monotonic time its first byte arrived
         self.idle_since = time.monotonic()
+        self.answered = 0           # responses sent; 0 means a new connection
         self.closing = False        # answering nothing more on this connection
         self.linger_until = None    # draining input after a final response
         self.write_paused = False
@@ -1631,7 +1686,7 @@ class _Connection(asyncio.Protocol):
         self.server._connections.add(self)
 
     def connection_lost(self, exc):
-        self.server._connections.discard(self)
+        self.server._connection_closed(self)
 
     def data_received(self, data):
         if self.linger_until is not None:
@@ -1669,6 +1724,7 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 return
             server._handle(self, *request)
+            self.answered += 1
             if self.closing:
                 self.transport.close()
                 return
@@ -1746,34 +1802,41 @@ class TaskServer:
     threads take turns anyway), while no client can hold up another by being
     slow to send or to read.
 
+    At most ``max_connections`` connections are open at once; more wait in
+    the kernel's listen queue, unanswered but not refused, until one closes.
+    A request must arrive within ``request_timeout`` seconds of its first
+    byte (else 408), and a new connection must start one within as long.
+    With ``ssl_context`` (an ``ssl.SSLContext`` with a certificate loaded) it
+    serves HTTPS.
+
     ``server = TaskServer(app, host, port)`` binds at once (``server.port``
     tells the port when 0 was asked); ``server.serve_forever()`` runs until
     ``server.shutdown()``, SIGINT or SIGTERM, then finishes in-flight requests.
     """
 
     def __init__(self, app, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
-                 max_body=DEFAULT_MAX_BODY, request_timeout=10.0,
-                 keepalive_timeout=75.0, shutdown_timeout=10.0, log=None):
+                 max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
+                 keepalive_timeout=75.0, shutdown_timeout=10.0,
+                 max_connections=DEFAULT_MAX_CONNECTIONS, ssl_context=None, log=None):
         self.app = app
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
         self.shutdown_timeout = shutdown_timeout
+        self.max_connections = max_connections
+        self.ssl_context = ssl_context
         self._log_stream = log or sys.stderr
         self._log_lines = []
         self._connections = set()
+        self._opening = 0  # accepted, TLS handshake not finished yet
         self._stopping = False
+        self._socket = self._listen(host, port)
+        self.host, self.port = host, self._socket.getsockname()[1]
         self._loop = asyncio.new_event_loop()
-        try:
-            self._server = self._loop.run_until_complete(self._loop.create_server(
-                lambda: _Connection(self), host, port, backlog=1024, reuse_address=True))
-        except BaseException:
-            self._loop.close()
-            raise
-        sockname = self._server.sockets[0].getsockname()
-        self.host, self.port = host, sockname[1]
+        self._slot_freed = None  # an asyncio.Event, made on the loop's thread
+        self._accepting = None
         self._base_environ = {
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if ssl_context else "http",
             "wsgi.errors": self._log_stream, "wsgi.multithread": False,
             "wsgi.multiprocess": False, "wsgi.run_once": False,
             "SERVER_NAME": host, "SERVER_PORT": str(self.port),
@@ -1784,10 +1847,91 @@ class TaskServer:
         self._stopped = self._loop.create_future()
         self._sweeper = None
 
+    @staticmethod
+    def _listen(host, port):
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     @property
     def url(self):
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "http://%s:%d" % (host, self.port)
+        return "%s://%s:%d" % ("https" if self.ssl_context else "http", host, self.port)
+
+    # -- connections ------------------------------------------------------------
+
+    async def _accept_forever(self):
+        """Accept connections while there is room; at the cap, leave them queued."""
+        loop = self._loop
+        while True:
+            while len(self._connections) + self._opening >= self.max_connections:
+                await self._make_room()
+            try:
+                sock, _ = await loop.sock_accept(self._socket)
+            except OSError as error:  # out of file descriptors, say: try again shortly
+                self._log("- - accept failed: %s" % error)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._opening += 1
+            loop.create_task(self._open(sock))
+
+    async def _open(self, sock):
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: _Connection(self), sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.request_timeout if self.ssl_context else None)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as error:
+            # Plain HTTP on the HTTPS port, a failed or stalled TLS handshake.
+            sock.close()
+            self._log("- - connection dropped during the TLS handshake: %s"
+                      % (str(error) or type(error).__name__))
+        finally:
+            self._opening -= 1
+            self._slot_freed.set()
+
+    async def _make_room(self):
+        """At the cap: wait for a connection to close. If a client arrives in the
+        meantime, close the connection idle the longest, if any, to let it in."""
+        loop, listener = self._loop, self._socket.fileno()
+        self._slot_freed.clear()
+        slot = loop.create_task(self._slot_freed.wait())
+        client_waiting = loop.create_future()
+        loop.add_reader(listener, lambda: client_waiting.done() or client_waiting.set_result(None))
+        try:
+            await asyncio.wait([slot, client_waiting], return_when=asyncio.FIRST_COMPLETED)
+            loop.remove_reader(listener)
+            if not slot.done():
+                self._close_an_idle_connection()
+            await slot
+        finally:
+            loop.remove_reader(listener)
+            slot.cancel()
+
+    def _connection_closed(self, conn):
+        self._connections.discard(conn)
+        self._slot_freed.set()
+
+    def _close_an_idle_connection(self):
+        """Close the kept-alive connection idle the longest, if any.
+
+        Only connections between two requests are closed. One with a request on
+        the way, or new and yet to send its first, keeps its place until it is
+        answered or times out.
+        """
+        idle = [conn for conn in self._connections if conn.answered
+                and conn.request_started is None and conn.linger_until is None]
+        if idle:
+            min(idle, key=lambda conn: conn.idle_since).transport.close()
 
     # -- running and stopping -------------------------------------------------
 
@@ -1798,11 +1942,14 @@ class TaskServer:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._begin_shutdown)
         self._sweeper = loop.call_later(1.0, self._sweep)
+        self._slot_freed = asyncio.Event()
+        self._accepting = loop.create_task(self._accept_forever())
         try:
             loop.run_until_complete(self._stopped)
             loop.run_until_complete(self._drain())
         finally:
             self._sweeper.cancel()
+            self._socket.close()
             self._flush_log()
             if threading.current_thread() is threading.main_thread():
                 for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1817,7 +1964,8 @@ class TaskServer:
         if self._stopping:
             return
         self._stopping = True
-        self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
         for conn in list(self._connections):
             if conn.request_started is None and conn.linger_until is None:
                 conn.transport.close()  # idle keep-alive: flushes, then closes
@@ -1830,9 +1978,17 @@ class TaskServer:
         deadline = time.monotonic() + self.shutdown_timeout
         while self._connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+            for conn in list(self._connections):
+                # Closed with everything written: a TLS close would otherwise
+                # wait for the client's close_notify, which an idle client
+                # never sends.
+                if conn.transport.is_closing() and not conn.transport.get_write_buffer_size():
+                    conn.transport.abort()
         for conn in list(self._connections):
             conn.transport.abort()
-        await self._server.wait_closed()
+        if self._accepting is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
 
     def _sweep(self):
         """Once a second: time out stalled requests, idle connections and lingering closes."""
@@ -1846,8 +2002,9 @@ class TaskServer:
                     conn.finish_with_error(
                         408, "Request timeout",
                         "the request did not arrive within %g seconds" % self.request_timeout)
-            elif now - conn.idle_since > self.keepalive_timeout or self._stopping:
-                conn.transport.close()
+            elif (now - conn.idle_since > (self.keepalive_timeout if conn.answered
+                                           else self.request_timeout) or self._stopping):
+                conn.transport.close()  # idle kept-alive, or new and silent
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     # -- requests ---------------------------------------------------------------
@@ -2339,6 +2496,21 @@ def _build_parser():
                         default=_env_default("GENESY_TASKS_MAX_BODY", DEFAULT_MAX_BODY),
                         help="largest request body in bytes; more is a 413 "
                              "(env GENESY_TASKS_MAX_BODY)")
+    parser.add_argument("--max-connections", type=_positive_number,
+                        default=_env_default("GENESY_TASKS_MAX_CONNECTIONS",
+                                             DEFAULT_MAX_CONNECTIONS),
+                        help="most connections open at once; more wait in the listen queue "
+                             "(env GENESY_TASKS_MAX_CONNECTIONS)")
+    parser.add_argument("--request-timeout", type=_seconds,
+                        default=_env_default("GENESY_TASKS_REQUEST_TIMEOUT",
+                                             DEFAULT_REQUEST_TIMEOUT),
+                        help="seconds for a request's head and body to arrive, else 408 "
+                             "(env GENESY_TASKS_REQUEST_TIMEOUT)")
+    parser.add_argument("--tls-cert", default=_env_default("GENESY_TASKS_TLS_CERT", None),
+                        help="PEM certificate chain: serve HTTPS (env GENESY_TASKS_TLS_CERT)")
+    parser.add_argument("--tls-key", default=_env_default("GENESY_TASKS_TLS_KEY", None),
+                        help="PEM private key of --tls-cert, if not in the same file "
+                             "(env GENESY_TASKS_TLS_KEY)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (without one, the server runs)")
@@ -2360,7 +2532,72 @@ def _build_parser():
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     check.add_argument("--insecure", action="store_true",
                        help="accept any TLS certificate (a self-signed test server)")
+    backup = commands.add_parser(
+        "backup", help="copy the live database consistently to DEST",
+        description="Copy the database (--db) to DEST with SQLite's online backup, while "
+                    "the server keeps serving. The copy is checked and renamed into place "
+                    "only when complete. To restore: stop the server, copy DEST over the "
+                    "database file, delete the database's -wal and -shm files, start again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    backup.add_argument("dest", help="the backup file to write")
+    backup.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
+                        help="the database to copy (env GENESY_TASKS_DB)")
+    backup.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     return parser
+
+
+def _positive_number(text):
+    value = _whole_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % (text,)) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r must be more than 0" % (text,))
+    return value
+
+
+def _backup_command(args):
+    started, shown = time.monotonic(), [0.0]
+
+    def progress(copied, total):
+        now = time.monotonic()
+        if now - shown[0] >= 1.0 and copied < total:  # large files: a line a second
+            shown[0] = now
+            print("backup: %d%% (%d of %d pages)" % (copied * 100 // total, copied, total),
+                  file=sys.stderr, flush=True)
+
+    try:
+        tasks = backup_database(args.db, args.dest, overwrite=args.overwrite, progress=progress)
+    except StorageError as error:
+        print("genesy-tasks backup: %s" % error, file=sys.stderr)
+        return 2
+    print("backup: copied %s to %s (%d tasks, %.1f MB) in %.1f s; integrity check ok"
+          % (args.db, args.dest, tasks, os.path.getsize(args.dest) / 1e6,
+             time.monotonic() - started))
+    return 0
+
+
+def _tls_context(cert, key):
+    """An SSLContext serving ``cert``, or None without one; ValueError says what is wrong."""
+    if not cert:
+        if key:
+            raise ValueError("--tls-key needs --tls-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError("cannot load the TLS certificate %r%s: %s"
+                         % (cert, " and key %r" % key if key else "",
+                            getattr(error, "strerror", None) or error)) from None
+    return context
 
 
 def _generated_key_in(path):
@@ -2401,6 +2638,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check_command(args)
+    if args.command == "backup":
+        return _backup_command(args)
+    try:
+        tls = _tls_context(args.tls_cert, args.tls_key)
+    except ValueError as error:
+        print("genesy-tasks: %s" % error, file=sys.stderr)
+        return 2
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     try:
@@ -2420,7 +2664,10 @@ def main(argv=None):
             print("genesy-tasks: cannot use database %r: %s" % (args.db, error), file=sys.stderr)
             return 2
         try:
-            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body)
+            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
+                                request_timeout=args.request_timeout,
+                                max_connections=args.max_connections,
+                                ssl_context=tls)
         except OSError as error:
             print("genesy-tasks: cannot listen on %s:%s: %s"
                   % (args.host, args.port, error.strerror or error), file=sys.stderr)

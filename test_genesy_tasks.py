@@ -1108,7 +1108,7 @@ class Server:
             stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=environment,
             cwd=str(tmp_path))
         self.banner = [self.process.stdout.readline()]
-        match = re.search(r"serving http://([\d.]+):(\d+)", self.banner[0])
+        match = re.search(r"serving https?://([\d.]+):(\d+)", self.banner[0])
         assert match, self.banner
         self.host, self.port = match.group(1), int(match.group(2))
         self.banner.append(self.process.stdout.readline())
@@ -1116,7 +1116,19 @@ class Server:
             self.banner.append(self.process.stdout.readline())
 
     def connect(self, timeout=5):
+        if self.banner[0].split()[3].startswith("https:"):
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.tls_client)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    tls_client = None  # an ssl.SSLContext that trusts the server's certificate
+
+    def status(self):
+        """The server process's resident memory (kB), threads and open descriptors."""
+        fields = dict(line.split(":", 1) for line in
+                      open("/proc/%d/status" % self.process.pid).read().splitlines())
+        return (int(fields["VmRSS"].split()[0]), int(fields["Threads"]),
+                len(os.listdir("/proc/%d/fd" % self.process.pid)))
 
     def request(self, method, path, body=None, headers=HEADERS, conn=None):
         conn = conn or self.connect()
@@ -1699,3 +1711,194 @@ def test_the_dashboard_in_chromium_shows_tasks_arrive_and_completes_them(server,
     # Forgetting the key clears it from the browser.
     browser.find_element(By.ID, "forget").click()
     assert browser.execute_script("return sessionStorage.getItem('genesy-tasks-api-key')") is None
+
+
+# -- hardening: stalled clients, TLS, backups -------------------------------------------------------
+
+def _stalled_connection(server):
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n")  # never ends
+    return sock
+
+
+def test_more_stalled_clients_than_the_cap_delay_but_never_stop_good_ones(tmp_path):
+    running = Server(tmp_path, "--max-connections", "4", "--request-timeout", "1")
+    try:
+        rss_before, threads_before, fds_before = running.status()
+        stalled = [_stalled_connection(running) for _ in range(8)]
+        time.sleep(0.3)
+        rss, threads, fds = running.status()
+        assert threads == threads_before == 1  # one event loop, no thread per client
+        assert fds <= fds_before + 4  # the rest wait in the kernel's queue
+        started = time.monotonic()
+        # A good client queued behind two rounds of stalled ones is served once
+        # they time out: late, but served, and every stalled one got its 408.
+        status, _, body = running.request("GET", "/health", conn=running.connect(timeout=30))
+        assert (status, body) == (200, {"status": "ok"})
+        assert 1 <= time.monotonic() - started < 15
+        answers = [_read_all(sock) for sock in stalled]
+        assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers
+        rss_after, threads_after, fds_after = running.status()
+        assert threads_after == 1 and fds_after <= fds_before + 1
+        assert rss_after - rss_before < 10_000  # kB
+        for sock in stalled:
+            sock.close()
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_silent_new_connection_is_closed_after_the_request_timeout(tmp_path):
+    running = Server(tmp_path, "--request-timeout", "1")
+    try:
+        with socket.create_connection((running.host, running.port), timeout=10) as sock:
+            started = time.monotonic()
+            assert _read_all(sock) == b""  # closed, nothing said: it asked nothing
+            assert time.monotonic() - started < 5
+    finally:
+        running.stop()
+
+
+def test_at_the_cap_an_idle_kept_alive_connection_makes_room(tmp_path):
+    running = Server(tmp_path, "--max-connections", "2")
+    try:
+        idle = [running.connect() for _ in range(2)]
+        for conn in idle:
+            assert running.request("GET", "/health", conn=conn)[0] == 200
+        started = time.monotonic()
+        assert running.request("GET", "/health")[0] == 200  # a third client, at once
+        assert time.monotonic() - started < 2
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("flag, value", [("--max-connections", "0"),
+                                         ("--request-timeout", "0"),
+                                         ("--request-timeout", "soon")])
+def test_bad_limits_are_refused_at_start(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        genesy_tasks.main([flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A certificate for 127.0.0.1 from a throwaway CA made now, and a client that trusts it."""
+    import ssl
+    import trustme
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    for blob in issued.cert_chain_pems:
+        blob.write_to_path(str(cert), append=True)
+    issued.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    return str(cert), str(key), client
+
+
+def test_tls_serves_https_with_the_given_certificate(tmp_path, certificate):
+    cert, key, client = certificate
+    running = Server(tmp_path, "--tls-cert", cert, "--tls-key", key)
+    running.tls_client = client
+    try:
+        assert "serving https://127.0.0.1:" in running.banner[0]
+        status, headers, task = running.request("POST", "/tasks", {"subject": "over TLS"})
+        assert status == 201 and headers["Location"] == "/tasks/" + task["id"]
+        conn = running.connect()
+        for _ in range(3):  # kept alive over TLS too
+            assert running.request("GET", "/health", conn=conn)[0] == 200
+        # Plain HTTP on the HTTPS port is dropped, and harms nobody.
+        answer = running.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" not in answer
+        assert running.request("GET", "/tasks/" + task["id"])[0] == 200
+        # The contract check speaks HTTPS as well.
+        status, lines = _check("https://127.0.0.1:%d" % running.port, "--api-key", KEY,
+                               "--insecure")
+        assert status == 0, lines
+    finally:
+        assert running.stop() == 0
+    assert "TLS handshake" in running.log()
+
+
+def test_a_bad_certificate_fails_at_start_with_one_clear_line(tmp_path, certificate):
+    cert, key, _ = certificate
+    for args, words in ((["--tls-cert", str(tmp_path / "missing.pem")], ["missing.pem"]),
+                        (["--tls-cert", key, "--tls-key", key], ["certificate"]),
+                        (["--tls-key", key], ["--tls-cert"])):
+        result = subprocess.run([sys.executable, MODULE, "--port", "0",
+                                 "--db", str(tmp_path / "t.db"), *args],
+                                capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "GENESY_API_KEY": KEY})
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
+        assert all(word in lines[0] for word in words), lines
+
+
+def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
+    running = Server(tmp_path)
+    acknowledged, stop = [], threading.Event()
+
+    def writer():
+        conn = running.connect()
+        while not stop.is_set():
+            status, _, task = running.request("POST", "/tasks", {"subject": "during backup"},
+                                              conn=conn)
+            assert status == 201
+            acknowledged.append(task["id"])
+
+    with TaskStore(running.db) as store:  # enough pages for a copy in many steps
+        store.create_many([{"subject": "seed %d" % n, "description": "x" * 200}
+                           for n in range(20000)])
+    writers = [threading.Thread(target=writer) for _ in range(3)]
+    for thread in writers:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        before = list(acknowledged)
+        dest = tmp_path / "backup.db"
+        result = subprocess.run([sys.executable, MODULE, "backup", str(dest),
+                                 "--db", running.db], capture_output=True, text=True,
+                                timeout=60, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert re.match(r"backup: copied .* to .*backup\.db \(\d+ tasks, [\d.]+ MB\) in "
+                        r"[\d.]+ s; integrity check ok$", result.stdout.strip())
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+    assert len(acknowledged) > len(before)  # the server kept serving meanwhile
+    assert os.stat(dest).st_mode & 0o777 == 0o600
+    assert not os.path.exists(str(dest) + ".partial")
+    copy = sqlite3.connect(str(dest))
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    copied = {row[0] for row in copy.execute("SELECT id FROM genesy_tasks")}
+    copy.close()
+    assert set(before) <= copied  # everything acknowledged before the backup began
+    assert len(copied) == 20000 + len([i for i in acknowledged if i in copied])
+    assert running.stop() == 0
+    # The copy is a working database: the server starts on it with every task.
+    again = Server(tmp_path, db=str(dest))
+    status, _, found = again.request("POST", "/tasks/batch", {"ids": before})
+    assert status == 200 and len(found) == len(before)
+    again.stop()
+
+
+def test_backup_refuses_to_overwrite_unless_asked_and_shows_progress(tmp_path, capsys):
+    source, dest = str(tmp_path / "tasks.db"), str(tmp_path / "copy.db")
+    with TaskStore(source) as store:
+        store.create_many([{"subject": "x" * 500} for _ in range(500)])
+    steps = []
+    assert genesy_tasks.backup_database(source, dest, pages=10,
+                                        progress=lambda *step: steps.append(step)) == 500
+    assert len(steps) > 5 and steps[-1][0] == steps[-1][1]
+    assert [copied for copied, _ in steps] == sorted(copied for copied, _ in steps)
+    assert genesy_tasks.main(["backup", dest, "--db", source]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert genesy_tasks.main(["backup", dest, "--db", source, "--overwrite"]) == 0
+    assert genesy_tasks.main(["backup", source, "--db", source, "--overwrite"]) == 2
+    assert "cannot replace the database itself" in capsys.readouterr().err
+    assert genesy_tasks.main(["backup", dest, "--db", str(tmp_path / "none.db")]) == 2
+    assert "no database file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none.db")
