@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import html
@@ -353,6 +354,18 @@ def _fingerprint(body):
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _recovering(method):
+    """A TaskStore method that starts afresh after an operational error (see _discard_connection)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError:
+            self._discard_connection()
+            raise
+    return wrapper
+
+
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key was sent again with a different request body."""
 
@@ -428,10 +441,30 @@ class TaskStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A failed COMMIT (disk full, I/O error) can leave the transaction
+            # open, and some errors end it already: roll back what is left.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+
+    def _discard_connection(self):
+        """Close this thread's connection after an operational error.
+
+        The next call opens a new one, so a database file that was read-only,
+        missing or failing comes back into use by itself once it is fixed.
+        """
+        conn = getattr(self._local, "connection", None)
+        if conn is None:
+            return
+        self._local.connection = None
+        with self._connections_lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     def _migrate(self, conn):
         if self._schema_version(conn) == SCHEMA_VERSION:
@@ -483,6 +516,7 @@ class TaskStore:
 
     # -- settings -------------------------------------------------------------
 
+    @_recovering
     def generated_api_key(self):
         """The API key generated for this database on first use, then kept in it."""
         conn = self._connection()
@@ -508,6 +542,7 @@ class TaskStore:
         return {"id": task_id, **task, "completed": False, "completedAt": None,
                 "createdAt": now, "updatedAt": now}, row
 
+    @_recovering
     def create(self, fields):
         """Create a task from the create fields of ``fields``; return it whole."""
         task, row = self._new_task(fields)
@@ -515,6 +550,7 @@ class TaskStore:
             conn.execute(_INSERT, row)
         return task
 
+    @_recovering
     def create_idempotent(self, fields, key):
         """Create a task once per ``key``: return ``(task, replayed)``.
 
@@ -546,6 +582,7 @@ class TaskStore:
                          (now_ms - IDEMPOTENCY_TTL * 1000,))
         return task, False
 
+    @_recovering
     def create_many(self, tasks):
         """Create many tasks in one transaction (an import); return their ids in order."""
         rows = [self._new_task(fields)[1] for fields in tasks]
@@ -553,6 +590,7 @@ class TaskStore:
             conn.executemany(_INSERT, rows)
         return [row[0] for row in rows]
 
+    @_recovering
     def get(self, task_id):
         """The task with this id, or None."""
         if not isinstance(task_id, str):
@@ -560,6 +598,7 @@ class TaskStore:
         row = self._connection().execute(_SELECT_ONE, (task_id,)).fetchone()
         return None if row is None else _task(row)
 
+    @_recovering
     def update(self, task_id, fields):
         """Apply the known fields of ``fields``; return the whole task, or None if unknown.
 
@@ -598,6 +637,7 @@ class TaskStore:
                 values + [now, row[-1]])
         return updated
 
+    @_recovering
     def delete(self, task_id):
         """Delete the task with this id; return whether there was one."""
         if not isinstance(task_id, str):
@@ -606,6 +646,7 @@ class TaskStore:
             return conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
                                 (task_id,)).rowcount > 0
 
+    @_recovering
     def list(self, *, owner_id=None, contact_id=None, company_id=None, type=None,
              completed=None, due_before=None, due_after=None, order="newest",
              limit=DEFAULT_LIST_LIMIT, cursor=None):
@@ -660,6 +701,7 @@ class TaskStore:
             next_cursor = _encode_cursor(order, rows[-1][-1])
         return {"tasks": [_task(row) for row in rows], "nextCursor": next_cursor}
 
+    @_recovering
     def get_many(self, ids):
         """The tasks with these ids, in the order of first appearance; unknown ids omitted."""
         validate_ids(ids)
@@ -668,6 +710,7 @@ class TaskStore:
         rows = self._connection().execute(_SELECT_MANY, (json.dumps(ids),)).fetchall()
         return _in_request_order(ids, {row[0]: _task(row) for row in rows})
 
+    @_recovering
     def set_completed_many(self, ids, completed):
         """Complete (or reopen) these tasks in one transaction; return them like get_many."""
         validate_ids(ids)
@@ -691,6 +734,7 @@ class TaskStore:
                     completed, completed_at, now)
         return _in_request_order(ids, found)
 
+    @_recovering
     def count(self):
         """How many tasks the store holds."""
         return self._connection().execute("SELECT count(*) FROM genesy_tasks").fetchone()[0]
@@ -887,6 +931,19 @@ def _idempotency_key(environ):
         raise RequestError(400, "Invalid request",
                            "Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key
+
+
+def _unavailable_reason(error):
+    """Why SQLite refused, in a few words a client may see."""
+    text = str(error).lower()
+    for words, reason in ((("locked", "busy"), "busy: another writer holds it"),
+                          (("readonly", "read-only"), "read-only"),
+                          (("full",), "disk full"),
+                          (("i/o",), "I/O error"),
+                          (("unable to open",), "cannot open the file")):
+        if any(word in text for word in words):
+            return reason
+    return "storage error"
 
 
 def _task_not_found(task_id):
@@ -1458,8 +1515,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                 # request may succeed later, so say so instead of failing.
                 environ["wsgi.errors"].write("genesy-tasks: storage unavailable: %s\n" % error)
                 return _error_response(503, "Service unavailable",
-                                       "the task database is unavailable; retry later",
-                                       {"Retry-After": "1"})
+                                       "the task database is unavailable (%s); retry later"
+                                       % _unavailable_reason(error), {"Retry-After": "1"})
             except Exception:
                 environ["wsgi.errors"].write(traceback.format_exc())
                 return _error_response(500, "Internal server error",
@@ -2506,6 +2563,10 @@ def _build_parser():
                                              DEFAULT_REQUEST_TIMEOUT),
                         help="seconds for a request's head and body to arrive, else 408 "
                              "(env GENESY_TASKS_REQUEST_TIMEOUT)")
+    parser.add_argument("--busy-timeout", type=_seconds,
+                        default=_env_default("GENESY_TASKS_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT),
+                        help="seconds a write waits for another writer's lock, then 503 "
+                             "(env GENESY_TASKS_BUSY_TIMEOUT)")
     parser.add_argument("--tls-cert", default=_env_default("GENESY_TASKS_TLS_CERT", None),
                         help="PEM certificate chain: serve HTTPS (env GENESY_TASKS_TLS_CERT)")
     parser.add_argument("--tls-key", default=_env_default("GENESY_TASKS_TLS_KEY", None),
@@ -2648,7 +2709,7 @@ def main(argv=None):
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     try:
-        store = TaskStore(args.db)
+        store = TaskStore(args.db, busy_timeout=args.busy_timeout)
     except StorageError as error:
         print("genesy-tasks: %s" % error, file=sys.stderr)
         return 2

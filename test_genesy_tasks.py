@@ -1902,3 +1902,148 @@ def test_backup_refuses_to_overwrite_unless_asked_and_shows_progress(tmp_path, c
     assert genesy_tasks.main(["backup", dest, "--db", str(tmp_path / "none.db")]) == 2
     assert "no database file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "none.db")
+
+
+# -- hardening: storage failures and crashes -------------------------------------------------------
+
+def _make_read_only(path):
+    """Make a file unwritable even for root (chattr +i); return the undo."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", path], check=True)
+        return lambda: subprocess.run(["chattr", "-i", path], check=True)
+    os.chmod(path, 0o444)
+    return lambda: os.chmod(path, 0o600)
+
+
+def test_a_read_only_database_is_a_503_until_it_is_writable_again(db_path):
+    with TaskStore(db_path) as store:
+        kept = store.create({"subject": "before"})
+    undo = _make_read_only(db_path)
+    try:
+        application = make_app(TaskStore(db_path), api_keys=KEY)
+        client = webtest.TestApp(application)
+        assert client.get("/tasks/" + kept["id"], headers=HEADERS).json == kept  # reads go on
+        response = client.post_json("/tasks", {"subject": "refused"}, headers=HEADERS,
+                                    expect_errors=True)
+        assert_error(response, 503, "Service unavailable", ["read-only", "retry"])
+        assert response.headers["Retry-After"] == "1"
+        assert "storage unavailable: attempt to write a readonly database" in response.errors
+    finally:
+        undo()
+    # Fixed: the next request opens the file afresh and succeeds, with no restart.
+    client.post_json("/tasks", {"subject": "after"}, headers=HEADERS, status=201)
+    assert [t["subject"] for t in application.store.list()["tasks"]] == ["after", "before"]
+    application.close()
+
+
+class _FillingDisk(TaskStore):
+    """A store whose connections see a disk with no room left while ``full`` is set."""
+    full = False
+
+    def _connection(self):
+        conn = super()._connection()
+        if self.full:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute("PRAGMA max_page_count = %d" % pages)
+        return conn
+
+
+def test_a_full_disk_is_a_503_that_writes_nothing_and_passes_by_itself(db_path):
+    store = _FillingDisk(db_path)
+    application = make_app(store, api_keys=KEY)
+    client = webtest.TestApp(application)
+    store.full = True
+    big = {"subject": "big", "description": "x" * 20000}
+    response = client.post_json("/tasks", big, headers=HEADERS, expect_errors=True)
+    assert_error(response, 503, "Service unavailable", ["disk full"])
+    assert "storage unavailable: database or disk is full" in response.errors
+    # A batch that fails half-way at the disk leaves nothing behind either.
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.create_many([{"subject": "small"}] * 5 + [big] * 5)
+    store.full = False
+    assert store.count() == 0
+    client.post_json("/tasks", big, headers=HEADERS, status=201)
+    assert store.count() == 1
+    application.close()
+
+
+_LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_a_database_locked_by_another_process_is_a_503_until_released(tmp_path):
+    running = Server(tmp_path, "--busy-timeout", "0.2")
+    _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        status, headers, body = running.request("POST", "/tasks", {"subject": "waits"})
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert body["error"] == "Service unavailable" and "busy" in body["message"]
+        assert running.request("GET", "/tasks/" + kept["id"])[0] == 200  # WAL: reads go on
+    finally:
+        locker.communicate("\n", timeout=10)
+    status, _, task = running.request("POST", "/tasks", {"subject": "after the lock"})
+    assert status == 201
+    assert running.stop() == 0
+    assert "storage unavailable: database is locked" in running.log()
+    with TaskStore(running.db) as store:
+        assert [t["subject"] for t in store.list()["tasks"]] == ["after the lock",
+                                                                 "before the lock"]
+
+
+def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
+    running = Server(tmp_path)
+    created, completed, stop = [], [], threading.Event()
+
+    def client(number):
+        conn = running.connect()
+        mine = []
+        try:
+            while not stop.is_set():
+                status, _, task = running.request(
+                    "POST", "/tasks", {"subject": "load %d" % number}, conn=conn)
+                assert status == 201
+                created.append(task["id"])  # acknowledged
+                mine.append(task["id"])
+                if len(mine) % 10 == 0:
+                    status, _, done = running.request(
+                        "PATCH", "/tasks/batch", {"ids": mine[-10:], "completed": True},
+                        conn=conn)
+                    assert status == 200
+                    completed.extend(mine[-10:])
+        except (OSError, http.client.HTTPException):
+            pass  # the server was killed under us
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    while len(created) < 300:
+        time.sleep(0.01)
+    running.process.kill()  # SIGKILL, mid-load
+    running.process.wait(timeout=10)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    running.stderr.close()
+    again = Server(tmp_path, db=running.db)
+    try:
+        found = {}
+        for start in range(0, len(created), 5000):
+            status, _, tasks = again.request("POST", "/tasks/batch",
+                                             {"ids": created[start:start + 5000]})
+            found.update((task["id"], task) for task in tasks)
+        assert set(found) == set(created)
+        assert all(found[task_id]["completed"] for task_id in completed)
+    finally:
+        assert again.stop() == 0
+    conn = sqlite3.connect(running.db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
