@@ -157,9 +157,16 @@ def utc_instant(value):
     return _utc_text(instant)
 
 
+# A character that is not blank: whitespace as Python and JavaScript both
+# count it, spelled out so that the OpenAPI document's pattern is the same.
+_NOT_BLANK = ("[^\\t\\n\\x0b\\x0c\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a"
+              "\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]")
+_has_text = re.compile(_NOT_BLANK).search
+
+
 def _check_text(name, value, required=False):
     if isinstance(value, str):
-        if required and not value.strip():
+        if required and not _has_text(value):
             raise TaskValidationError("%s must not be blank" % name)
         try:
             value.encode("utf-8")
@@ -331,21 +338,15 @@ def _in_request_order(ids, found):
     return [found.pop(task_id) for task_id in ids if task_id in found]
 
 
-def _encode_cursor(order, seq):
-    return base64.urlsafe_b64encode(b"%s:%d" % (order[0].encode(), seq)).rstrip(b"=").decode()
+# A cursor is a place in creation order (the last task's seq), so any cursor
+# means something: "the tasks created before (or after) that one".
+_CURSOR = re.compile(r"[0-9]{1,18}")
 
 
-def _decode_cursor(cursor, order):
-    """The seq a cursor from :meth:`TaskStore.list` continues after."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        prefix, seq = text.split(":")
-        seq = int(seq)
-    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
-        raise TaskValidationError("cursor is not one this server returned") from None
-    if prefix != order[0]:
-        raise TaskValidationError("cursor was returned for another order than %s" % order)
-    return seq
+def _decode_cursor(cursor):
+    if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
+        raise TaskValidationError("cursor must be a nextCursor this server returned")
+    return int(cursor)
 
 
 def _fingerprint(body):
@@ -686,10 +687,8 @@ class TaskStore:
                 where.append(condition)
                 params.append(utc_instant(value))
         if cursor is not None:
-            if not isinstance(cursor, str):
-                raise TaskValidationError("cursor must be a string")
             where.append("seq < ?" if order == "newest" else "seq > ?")
-            params.append(_decode_cursor(cursor, order))
+            params.append(_decode_cursor(cursor))
         rows = self._connection().execute(
             "SELECT %s, seq FROM genesy_tasks%s ORDER BY seq %s LIMIT ?"
             % (_COLUMNS, " WHERE " + " AND ".join(where) if where else "",
@@ -698,7 +697,7 @@ class TaskStore:
         next_cursor = None
         if len(rows) > limit:  # one row more than asked says there is a next page
             rows = rows[:limit]
-            next_cursor = _encode_cursor(order, rows[-1][-1])
+            next_cursor = str(rows[-1][-1])
         return {"tasks": [_task(row) for row in rows], "nextCursor": next_cursor}
 
     @_recovering
@@ -885,8 +884,7 @@ def _list_arguments(query_string):
     """TaskStore.list keyword arguments from a GET /tasks query string.
 
     Unknown or repeated parameters are refused, so a typo such as ``ownerID``
-    is an error rather than a silently unfiltered list. An empty value counts
-    as absent, as an HTML form sends it.
+    is an error rather than a silently unfiltered list.
     """
     try:
         pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=False,
@@ -902,8 +900,7 @@ def _list_arguments(query_string):
                                       % (name, ", ".join(_LIST_PARAMETERS)))
         if _LIST_PARAMETERS[name] in arguments:
             raise TaskValidationError("%s is given more than once" % name)
-        if value != "":
-            arguments[_LIST_PARAMETERS[name]] = value
+        arguments[_LIST_PARAMETERS[name]] = value
     if "completed" in arguments:
         flag = arguments["completed"]
         if flag not in ("true", "false"):
@@ -1256,6 +1253,8 @@ _ERROR_DESCRIPTIONS = {
     400: "Invalid request: bad JSON, a field or parameter that breaks the contract",
     401: "Missing or invalid API key",
     404: "No task with this id",
+    405: "The method is not allowed here: the task id \"batch\" names the batch path; "
+         "the Allow header lists the methods that are",
     413: "Request body or batch too large",
     415: "Request body not declared as JSON",
     422: "Idempotency-Key reused with a different request body",
@@ -1264,19 +1263,35 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
+def _iso8601_pattern(date_separator, time_separator):
+    """A regular expression for exactly the dates and times is_iso8601 accepts,
+    in one format (extended: "-" and ":"; basic: none), leap days included."""
+    # Years 0001 to 9999; leap years are those divisible by 4, but of the
+    # centuries only those divisible by 400.
+    year = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+    leap_year = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([13579][26]|[2468][048]|0[48])00)"
+    d = date_separator
+    date = ("(%(year)s%(d)s((0[1-9]|1[0-2])%(d)s(0[1-9]|1[0-9]|2[0-8])"
+            "|(0[13-9]|1[0-2])%(d)s(29|30)|(0[13578]|1[02])%(d)s31)"
+            "|%(leap)s%(d)s02%(d)s29)" % {"year": year, "d": d, "leap": leap_year})
+    t = time_separator
+    hour, minute = "([01][0-9]|2[0-3])", "[0-5][0-9]"
+    offset = "[+-]%s(%s%s)?" % (hour, ":?" if t else "", minute)
+    time_of_day = "[Tt]%s%s%s(%s([0-5][0-9]|60)([.,][0-9]+)?)?([Zz]|%s)?" % (
+        hour, t, minute, t, offset)
+    return "%s(%s)?" % (date, time_of_day)
+
+
 def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                      max_batch=DEFAULT_MAX_BATCH, base_path="/"):
     """The OpenAPI 3.1 description of the routes :func:`make_app` serves."""
     text_or_null = {"type": ["string", "null"]}
-    # The shape of an ISO 8601 date or date-time; is_iso8601 also checks the
-    # day exists, which a pattern cannot.
-    iso8601 = (r"^[0-9]{4}(-?)[0-9]{2}\1[0-9]{2}([Tt][0-9]{2}(:?)[0-9]{2}(\3[0-9]{2}"
-               r"([.,][0-9]+)?)?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?)?$")
+    iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
     due_date = {"type": ["string", "null"], "pattern": iso8601,
                 "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"}
     writable = {name: dict(text_or_null) for name in _OPTIONAL_FIELDS}
     writable["dueDate"] = due_date
-    subject = {"type": "string", "pattern": r"\S", "description": "Not blank"}
+    subject = {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"}
     timestamp = {"type": "string", "format": "date-time"}
     ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
 
@@ -1312,7 +1327,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
              "Creation order"),
             ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
                        "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
-            ("cursor", {"type": "string"},
+            ("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
              "nextCursor of the previous page, with the same other parameters"),
         )]
     return {
@@ -1344,8 +1359,8 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                     "responses": {"200": json_response("One page of tasks", {
                         "type": "object", "required": ["tasks", "nextCursor"],
                         "additionalProperties": False,
-                        "properties": {"tasks": tasks,
-                                       "nextCursor": {"type": ["string", "null"]}}}),
+                        "properties": {"tasks": tasks, "nextCursor": {
+                            "type": ["string", "null"], "pattern": "^[0-9]{1,18}$"}}}),
                         **_error_responses(400)},
                 },
                 "post": {
@@ -1389,7 +1404,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                 "get": {
                     "operationId": "getTask", "summary": "Get a task",
                     "responses": {"200": json_response("The task", task),
-                                  **_error_responses(404)},
+                                  **_error_responses(404, 405)},
                 },
                 "patch": {
                     "operationId": "updateTask",
@@ -1401,7 +1416,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                 "delete": {
                     "operationId": "deleteTask", "summary": "Delete a task",
                     "responses": {"204": {"description": "Deleted"},
-                                  **_error_responses(404)},
+                                  **_error_responses(404, 405)},
                 },
             },
             "/openapi.json": {"get": {
@@ -1674,6 +1689,7 @@ app = _LazyApp()
 _MAX_HEAD = 64 * 1024
 _MAX_HEADERS = 100
 _LINGER_SECONDS = 2.0
+_ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
 
 
@@ -1836,8 +1852,7 @@ class _Connection(asyncio.Protocol):
         server = self.server
         body = error_body(title, message)
         self.transport.write(server._response_head(
-            "%d %s" % (status, title), [("Content-Type", "application/json")],
-            body, keep_alive=False) + body)
+            "%d %s" % (status, title), _ERROR_HEADERS, body, keep_alive=False) + body)
         server._log("%s - %d (%s)" % (self.peer, status, message))
         self.closing = True
         self.head = None
@@ -2155,7 +2170,7 @@ class TaskServer:
         except Exception:
             self._log_stream.write(traceback.format_exc())
             status = "500 Internal Server Error"
-            headers = [("Content-Type", "application/json")]
+            headers = _ERROR_HEADERS
             body = error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
         if environ["REQUEST_METHOD"] == "HEAD":
