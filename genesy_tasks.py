@@ -2640,7 +2640,8 @@ def _seconds(text):
 
 
 def _backup_command(args):
-    started, shown = time.monotonic(), [0.0]
+    started = time.monotonic()
+    shown = [started]  # the first progress line after a second: small files show none
 
     def progress(copied, total):
         now = time.monotonic()
