@@ -324,7 +324,8 @@ _UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
 
 
 def _utc_instant_or_null(value):
-    return None if value is None or not is_iso8601(value) else utc_instant(value)
+    instant = None if value is None else _parse_iso8601(value)
+    return None if instant is None else _utc_text(instant)
 
 
 def _task(row):
@@ -376,8 +377,9 @@ class TaskStore:
 
     ``TaskStore("crm.db")`` opens (or creates) the database, turns on WAL and
     creates its tables, ``genesy_tasks``, ``genesy_meta`` and
-    ``genesy_idempotency``, beside any others in the file. Each thread gets its own connection. Every method takes
-    and returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
+    ``genesy_idempotency``, beside any others in the file. Each thread gets
+    its own connection. Every method takes and returns plain dicts in
+    Genesy's JSON shape (see ``TASK_FIELDS``).
     """
 
     def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
