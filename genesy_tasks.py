@@ -357,7 +357,10 @@ def _fingerprint(body):
 
 
 def _recovering(method):
-    """A TaskStore method that starts afresh after an operational error (see _discard_connection)."""
+    """A TaskStore method that starts afresh after an operational error.
+
+    See :meth:`TaskStore._discard_connection`.
+    """
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
@@ -783,10 +786,11 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
             target.close()
             src.close()
         os.replace(partial, dest)
-    except sqlite3.Error as error:
+    except (sqlite3.Error, OSError) as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(partial)
-        raise StorageError("cannot back up %r: %s" % (source, error)) from error
+        raise StorageError("cannot back up %r: %s"
+                           % (source, getattr(error, "strerror", None) or error)) from error
     return tasks
 
 
@@ -1012,7 +1016,8 @@ form { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin: 
 input, select, button { font: inherit; padding: .3rem .5rem; }
 button { cursor: pointer; }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; vertical-align: top; padding: .4rem; border-bottom: 1px solid var(--line); }
+th, td { text-align: left; vertical-align: top; padding: .4rem;
+         border-bottom: 1px solid var(--line); }
 th { font-weight: 600; }
 th, .ownerId, .contactId, .companyId, .dueDate, .createdAt, .completedAt { white-space: nowrap; }
 tr.done .subject { text-decoration: line-through; color: var(--muted); }
@@ -1371,9 +1376,10 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                         "name": "Idempotency-Key", "in": "header", "required": False,
                         "description": "Retries with this key and the same body return the "
                                        "first response instead of creating another task "
-                                       "(kept %d hours). Bare or quoted." % (IDEMPOTENCY_TTL // 3600),
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 257,
-                                   "pattern": "^[!-~]+$"}}],
+                                       "(kept %d hours). Bare or quoted."
+                                       % (IDEMPOTENCY_TTL // 3600),
+                        "schema": {"type": "string",
+                                   "pattern": '^("[!-~]{1,255}"|(?!".*"$)[!-~]{1,255})$'}}],
                     "requestBody": body("NewTask", "The task; unknown fields are ignored"),
                     "responses": {"201": json_response("Created", task, {
                         "Location": {"description": "The task's URL",
@@ -2372,7 +2378,8 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
 
     def check_health():
         result = client.call("GET", "/health")
-        _expect(200 <= result[0] < 300, "GET /health -> %s (expected 2xx)" % _seen(*result[::2]))
+        _expect(200 <= result[0] < 300,
+                "GET /health -> %s (expected 2xx)" % _seen(result[0], result[2]))
         return "GET /health -> %d" % result[0]
 
     def check_health_key():
