@@ -18,6 +18,7 @@ __version__ = "1.0.0"
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import hmac
 import html
 import http.client
 import io
+import itertools
 import json
 import os
 import re
@@ -52,9 +54,10 @@ DEFAULT_MAX_BATCH = 10_000
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_BUSY_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 10.0
-# Each connection holds at most a request head and body in memory, so this
-# also bounds what slow clients can make the server hold.
 DEFAULT_MAX_CONNECTIONS = 256
+# Request bytes held for all connections together (heads and bodies still
+# arriving). Past it, connections that send more wait their turn.
+DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
 SCHEMA_VERSION = 2
 # The commit that takes the WAL past this many pages copies them into the
@@ -1704,6 +1707,8 @@ app = _LazyApp()
 _MAX_HEAD = 64 * 1024
 _MAX_HEADERS = 100
 _LINGER_SECONDS = 2.0
+# The most asyncio reads from a socket at once.
+_READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
 
@@ -1764,6 +1769,8 @@ class _Connection(asyncio.Protocol):
         self.closing = False        # answering nothing more on this connection
         self.linger_until = None    # draining input after a final response
         self.write_paused = False
+        self.held = 0               # len(buffer) as counted in the server's budget
+        self.starved = False        # reading paused until the budget has room
         self.peer = "-"
 
     def connection_made(self, transport):
@@ -1771,9 +1778,12 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = peer[0]
+        self.number = next(self.server._arrivals)
         self.server._connections.add(self)
+        self.server._budget(self)  # not read at all while the budget is spent
 
     def connection_lost(self, exc):
+        self.buffer = bytearray()
         self.server._connection_closed(self)
 
     def data_received(self, data):
@@ -1783,6 +1793,7 @@ class _Connection(asyncio.Protocol):
             self.request_started = time.monotonic()
         self.buffer += data
         self._process()
+        self.server._budget(self)
 
     def eof_received(self):
         # The client half-closed: answer what has fully arrived, then close.
@@ -1798,8 +1809,10 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self):
         self.write_paused = False
-        self.transport.resume_reading()
+        if not self.starved:
+            self.transport.resume_reading()
         self._process()
+        self.server._budget(self)
 
     def _process(self):
         server = self.server
@@ -1872,6 +1885,7 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.head = None
         self.buffer = bytearray()
+        server._budget(self)
         self.linger_until = time.monotonic() + _LINGER_SECONDS
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -1891,8 +1905,11 @@ class TaskServer:
 
     At most ``max_connections`` connections are open at once; more wait in
     the kernel's listen queue, unanswered but not refused, until one closes.
-    A request must arrive within ``request_timeout`` seconds of its first
-    byte (else 408), and a new connection must start one within as long.
+    Requests still arriving may hold ``max_buffered`` bytes in all; past
+    that, a connection that sends more is not read until there is room (one
+    at a time always goes on, so uploads finish). A request must arrive
+    within ``request_timeout`` seconds of its first byte (else 408), and a
+    new connection must start one within as long.
     With ``ssl_context`` (an ``ssl.SSLContext`` with a certificate loaded) it
     serves HTTPS.
 
@@ -1904,13 +1921,19 @@ class TaskServer:
     def __init__(self, app, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                  max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                  keepalive_timeout=75.0, shutdown_timeout=10.0,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, ssl_context=None, log=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, max_buffered=DEFAULT_MAX_BUFFERED,
+                 ssl_context=None, log=None):
         self.app = app
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
+        # Never less than one whole request, or a large one could never finish.
+        self.max_buffered = max(max_buffered, max_body + _MAX_HEAD)
+        self._buffered = 0
+        self._starved = collections.deque()  # in order of arrival
+        self._arrivals = itertools.count()
         self.ssl_context = ssl_context
         self._log_stream = log or sys.stderr
         self._log_lines = []
@@ -2006,7 +2029,54 @@ class TaskServer:
 
     def _connection_closed(self, conn):
         self._connections.discard(conn)
+        self._budget(conn)
         self._slot_freed.set()
+
+    def _budget(self, conn):
+        """Count ``conn``'s buffered bytes; when the budget is spent, stop
+        reading every connection but one, else let waiting ones read again.
+
+        The one left reading is the one holding most, the closest to a whole
+        request, so that requests still finish one at a time. Bytes already
+        read cannot be refused: the total may pass the budget by one request,
+        and by one read (_READ_SIZE) from each connection whose data arrived
+        in the same turn of the event loop.
+        """
+        self._buffered += len(conn.buffer) - conn.held
+        conn.held = len(conn.buffer)
+        if self._buffered >= self.max_buffered:
+            reading = [other for other in self._connections
+                       if not other.starved and not other.transport.is_closing()]
+            if len(reading) > 1:
+                runner = max(reading, key=lambda other: other.held)
+                for other in sorted(reading, key=lambda other: other.number):
+                    if other is not runner:
+                        other.starved = True
+                        other.transport.pause_reading()
+                        self._starved.append(other)
+        self._feed_starved()
+
+    def _feed_starved(self):
+        """Let waiting connections read again, first come first served, while
+        there is room for one more read from each new one, and always at
+        least one when no request is being read (waiting ones keep what they
+        hold, and may hold the whole budget)."""
+        room = self.max_buffered - self._buffered
+        while self._starved:
+            if room <= 0 and any(conn.held and not conn.starved and conn.linger_until is None
+                                 for conn in self._connections):
+                return  # someone with a request under way is still being read
+            waiting = self._starved.popleft()
+            if waiting.starved and waiting in self._connections:
+                if not waiting.held:
+                    room -= _READ_SIZE
+                waiting.starved = False
+                # Its timeouts start afresh: the time it waited was the server's.
+                waiting.idle_since = time.monotonic()
+                if waiting.request_started is not None:
+                    waiting.request_started = waiting.idle_since
+                if not waiting.write_paused:
+                    waiting.transport.resume_reading()
 
     def _close_an_idle_connection(self):
         """Close the kept-alive connection idle the longest, if any.
@@ -2058,6 +2128,10 @@ class TaskServer:
                 conn.transport.close()  # idle keep-alive: flushes, then closes
             else:
                 conn.closing = True
+                if conn.starved:  # read again: finish the request, or see the client leave
+                    conn.starved = False
+                    conn.transport.resume_reading()
+        self._starved.clear()
         if not self._stopped.done():
             self._stopped.set_result(None)
 
@@ -2084,6 +2158,8 @@ class TaskServer:
             if conn.linger_until is not None:
                 if now > conn.linger_until:
                     conn.transport.abort()
+            elif conn.starved and not self._stopping:
+                continue  # waiting for the buffer budget: the wait is ours, not theirs
             elif conn.request_started is not None:
                 if now - conn.request_started > self.request_timeout:
                     conn.finish_with_error(
@@ -2092,6 +2168,7 @@ class TaskServer:
             elif (now - conn.idle_since > (self.keepalive_timeout if conn.answered
                                            else self.request_timeout) or self._stopping):
                 conn.transport.close()  # idle kept-alive, or new and silent
+        self._feed_starved()  # in case the one let in last had nothing to send
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     # -- requests ---------------------------------------------------------------

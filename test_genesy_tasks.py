@@ -1792,6 +1792,76 @@ def test_bad_limits_are_refused_at_start(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def _server_thread(app, **options):
+    """A TaskServer serving ``app`` from a thread of this process, so tests can look inside."""
+    server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, log=io.StringIO(), **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(timeout=15)
+
+
+def test_slow_uploads_cannot_make_the_server_hold_more_than_its_buffer_budget(tasks_app):
+    budget, body, clients = 256 * 1024, 128 * 1024, 16
+    with _server_thread(tasks_app, max_body=body, max_buffered=budget,
+                        request_timeout=1) as server:
+        assert server.max_buffered == budget
+
+        def stall():  # three quarters of a body, then nothing
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(b"POST /tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % body + b" " * (body * 3 // 4))
+            time.sleep(0.03)  # one after another, as the server sees them
+            return sock
+
+        ahead = [stall() for _ in range(6)]
+        # A well-behaved client arrives seventh, with its whole request...
+        good = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        good.request("POST", "/tasks", body=json.dumps({"subject": "patient"}),
+                     headers={**HEADERS, "Content-Type": "application/json"})
+        behind = [stall() for _ in range(clients - 6)]
+        peak, deadline = 0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            peak = max(peak, server._buffered)
+            time.sleep(0.002)
+        # Unbounded, the server would hold all 16 x 96 KiB; it holds at most the
+        # budget, one read and one request.
+        assert peak <= budget + 256 * 1024 + body + 64 * 1024 < clients * body * 3 // 4
+        # ...and is served once the stalled ones ahead of it have timed out.
+        assert good.getresponse().status == 201
+        good.close()
+        for sock in ahead + behind:
+            sock.close()
+
+
+def test_uploads_larger_together_than_the_budget_all_finish(tasks_app, store):
+    ids = store.create_many([{"subject": "batched %d" % n} for n in range(3000)])
+    payload = json.dumps({"ids": ids, "padding": "x" * 100_000}).encode()
+    with _server_thread(tasks_app, max_body=len(payload), max_buffered=0) as server:
+        # The budget is one whole request: four sent at once must take turns.
+        assert server.max_buffered == len(payload) + 64 * 1024
+        results = []
+
+        def upload():
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("POST", "/tasks/batch", body=payload,
+                         headers={**HEADERS, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            results.append((response.status, len(json.loads(response.read()))))
+            conn.close()
+
+        threads = [threading.Thread(target=upload) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert results == [(200, 3000)] * 4
+
+
 @pytest.fixture
 def certificate(tmp_path):
     """A certificate for 127.0.0.1 from a throwaway CA made now, and a client that trusts it."""
