@@ -2646,40 +2646,30 @@ def _build_parser():
                     "separated by commas); without it, a key is generated on first start, "
                     "kept in the database and printed at every start.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default=_env_default("GENESY_TASKS_HOST", DEFAULT_HOST),
-                        help="address to listen on (env GENESY_TASKS_HOST)")
-    parser.add_argument("--port", type=_whole_number,
-                        default=_env_default("GENESY_TASKS_PORT", DEFAULT_PORT),
-                        help="port to listen on, 0 for any free port (env GENESY_TASKS_PORT)")
-    parser.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
-                        help="SQLite database file, created if missing (env GENESY_TASKS_DB)")
-    parser.add_argument("--max-batch", type=_whole_number,
-                        default=_env_default("GENESY_TASKS_MAX_BATCH", DEFAULT_MAX_BATCH),
-                        help="most ids in one batch request; more is a 413 "
-                             "(env GENESY_TASKS_MAX_BATCH)")
-    parser.add_argument("--max-body", type=_whole_number,
-                        default=_env_default("GENESY_TASKS_MAX_BODY", DEFAULT_MAX_BODY),
-                        help="largest request body in bytes; more is a 413 "
-                             "(env GENESY_TASKS_MAX_BODY)")
-    parser.add_argument("--max-connections", type=_positive_number,
-                        default=_env_default("GENESY_TASKS_MAX_CONNECTIONS",
-                                             DEFAULT_MAX_CONNECTIONS),
-                        help="most connections open at once; more wait in the listen queue "
-                             "(env GENESY_TASKS_MAX_CONNECTIONS)")
-    parser.add_argument("--request-timeout", type=_seconds,
-                        default=_env_default("GENESY_TASKS_REQUEST_TIMEOUT",
-                                             DEFAULT_REQUEST_TIMEOUT),
-                        help="seconds for a request's head and body to arrive, else 408 "
-                             "(env GENESY_TASKS_REQUEST_TIMEOUT)")
-    parser.add_argument("--busy-timeout", type=_seconds,
-                        default=_env_default("GENESY_TASKS_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT),
-                        help="seconds a write waits for another writer's lock, then 503 "
-                             "(env GENESY_TASKS_BUSY_TIMEOUT)")
-    parser.add_argument("--tls-cert", default=_env_default("GENESY_TASKS_TLS_CERT", None),
-                        help="PEM certificate chain: serve HTTPS (env GENESY_TASKS_TLS_CERT)")
-    parser.add_argument("--tls-key", default=_env_default("GENESY_TASKS_TLS_KEY", None),
-                        help="PEM private key of --tls-cert, if not in the same file "
-                             "(env GENESY_TASKS_TLS_KEY)")
+
+    def option(flag, kind, default, text):
+        # Every server option has an environment variable: --max-body is
+        # GENESY_TASKS_MAX_BODY. argparse converts defaults given as text, so
+        # a bad value from the environment is refused like a bad flag.
+        env = "GENESY_TASKS_" + flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, type=kind, default=_env_default(env, default),
+                            help="%s (env %s)" % (text, env))
+
+    option("--host", str, DEFAULT_HOST, "address to listen on")
+    option("--port", _whole_number, DEFAULT_PORT, "port to listen on, 0 for any free port")
+    option("--db", str, DEFAULT_DB, "SQLite database file, created if missing")
+    option("--max-batch", _whole_number, DEFAULT_MAX_BATCH,
+           "most ids in one batch request; more is a 413")
+    option("--max-body", _whole_number, DEFAULT_MAX_BODY,
+           "largest request body in bytes; more is a 413")
+    option("--max-connections", _positive_number, DEFAULT_MAX_CONNECTIONS,
+           "most connections open at once; more wait in the listen queue")
+    option("--request-timeout", _seconds, DEFAULT_REQUEST_TIMEOUT,
+           "seconds for a request's head and body to arrive, else 408")
+    option("--busy-timeout", _seconds, DEFAULT_BUSY_TIMEOUT,
+           "seconds a write waits for another writer's lock, then 503")
+    option("--tls-cert", str, None, "PEM certificate chain: serve HTTPS")
+    option("--tls-key", str, None, "PEM private key of --tls-cert, if not in the same file")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (without one, the server runs)")

@@ -1357,6 +1357,19 @@ def test_flags_win_over_the_environment(monkeypatch):
         genesy_tasks._build_parser().parse_args([])
 
 
+@pytest.mark.parametrize("env, value, attribute, parsed", [
+    ("GENESY_TASKS_MAX_CONNECTIONS", "12", "max_connections", 12),
+    ("GENESY_TASKS_REQUEST_TIMEOUT", "2.5", "request_timeout", 2.5),
+    ("GENESY_TASKS_BUSY_TIMEOUT", "0.5", "busy_timeout", 0.5),
+    ("GENESY_TASKS_TLS_CERT", "/etc/cert.pem", "tls_cert", "/etc/cert.pem"),
+    ("GENESY_TASKS_TLS_KEY", "/etc/key.pem", "tls_key", "/etc/key.pem"),
+])
+def test_every_server_option_has_its_environment_variable(monkeypatch, env, value,
+                                                          attribute, parsed):
+    monkeypatch.setenv(env, value)
+    assert getattr(genesy_tasks._build_parser().parse_args([]), attribute) == parsed
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         genesy_tasks.main(["--help"])
