@@ -553,8 +553,8 @@ class TaskStore:
         task = validate_new_task(fields)
         ms, now = _now()
         task_id = new_task_id(ms)
-        due_utc = None if task["dueDate"] is None else utc_instant(task["dueDate"])
-        row = (task_id,) + tuple(task.values()) + (now, now, due_utc)
+        row = ((task_id,) + tuple(task.values())
+               + (now, now, _utc_instant_or_null(task["dueDate"])))
         return {"id": task_id, **task, "completed": False, "completedAt": None,
                 "createdAt": now, "updatedAt": now}, row
 
@@ -695,12 +695,13 @@ class TaskStore:
         for name, condition, value in (("dueBefore", "due_utc < ?", due_before),
                                        ("dueAfter", "due_utc >= ?", due_after)):
             if value is not None:
-                if not isinstance(value, str) or not is_iso8601(value):
+                instant = _utc_instant_or_null(value) if isinstance(value, str) else None
+                if instant is None:
                     raise TaskValidationError(
                         "%s must be an ISO 8601 date or date-time, such as 2024-01-15 "
                         "or 2024-01-15T10:00:00Z" % name)
                 where.append(condition)
-                params.append(utc_instant(value))
+                params.append(instant)
         if cursor is not None:
             where.append("seq < ?" if order == "newest" else "seq > ?")
             params.append(_decode_cursor(cursor))
@@ -1018,7 +1019,7 @@ def _environ_key(header):
 # the page as text (textContent, attribute values), never as HTML, and the
 # Content-Security-Policy allows this page's own script and style only.
 _DASHBOARD_STYLE = """
-:root { color-scheme: light dark; --line: #8884; --muted: #888; --accent: #2b6cb0; }
+:root { color-scheme: light dark; --line: #8884; --muted: #888; }
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1rem; }
 header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; }
 h1 { font-size: 1.3rem; margin: 0 1rem 0 0; }
@@ -1091,6 +1092,13 @@ function cell(row, text, className) {
   return td;
 }
 
+function textBlock(className, text) {
+  const div = document.createElement("div");
+  div.className = className;
+  div.textContent = text;
+  return div;
+}
+
 function render(page) {
   const body = document.createElement("tbody");
   body.id = "rows";
@@ -1100,19 +1108,8 @@ function render(page) {
     row.dataset.taskId = task.id;
     if (task.completed) row.className = "done";
     const first = cell(row, "", "");
-    const subject = document.createElement("div");
-    subject.className = "subject";
-    subject.textContent = task.subject;
-    const id = document.createElement("div");
-    id.className = "id";
-    id.textContent = task.id;
-    first.append(subject, id);
-    if (task.description) {
-      const description = document.createElement("div");
-      description.className = "description";
-      description.textContent = task.description;
-      first.appendChild(description);
-    }
+    first.append(textBlock("subject", task.subject), textBlock("id", task.id));
+    if (task.description) first.append(textBlock("description", task.description));
     for (const name of columns) cell(row, task[name], name);
     const action = document.createElement("button");
     action.type = "button";
@@ -1311,6 +1308,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
     subject = {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"}
     timestamp = {"type": "string", "format": "date-time"}
     ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
+    cursor = {"type": "string", "pattern": "^%s$" % _CURSOR.pattern}
 
     def body(schema_name, description):
         return {"required": True, "description": description, "content": {
@@ -1344,7 +1342,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
              "Creation order"),
             ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
                        "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
-            ("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+            ("cursor", cursor,
              "nextCursor of the previous page, with the same other parameters"),
         )]
     return {
@@ -1376,8 +1374,8 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                     "responses": {"200": json_response("One page of tasks", {
                         "type": "object", "required": ["tasks", "nextCursor"],
                         "additionalProperties": False,
-                        "properties": {"tasks": tasks, "nextCursor": {
-                            "type": ["string", "null"], "pattern": "^[0-9]{1,18}$"}}}),
+                        "properties": {"tasks": tasks,
+                                       "nextCursor": dict(cursor, type=["string", "null"])}}),
                         **_error_responses(400)},
                 },
                 "post": {
@@ -1713,12 +1711,6 @@ _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
 
 
-class _BadRequest(Exception):
-    def __init__(self, status, title, message):
-        super().__init__(message)
-        self.status, self.title, self.message = status, title, message
-
-
 def _dechunk(buffer, start, limit):
     """Decode a chunked body from ``buffer[start:]``: (body, end), or None if incomplete."""
     body = bytearray()
@@ -1727,11 +1719,11 @@ def _dechunk(buffer, start, limit):
         line_end = buffer.find(b"\r\n", pos)
         if line_end < 0:
             if len(buffer) - pos > 1024:
-                raise _BadRequest(400, "Bad request", "malformed chunked body")
+                raise RequestError(400, "Bad request", "malformed chunked body")
             return None
         size_text = bytes(buffer[pos:line_end]).partition(b";")[0].strip()
         if not size_text or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
-            raise _BadRequest(400, "Bad request", "malformed chunk size")
+            raise RequestError(400, "Bad request", "malformed chunk size")
         size = int(size_text, 16)
         pos = line_end + 2
         if size == 0:
@@ -1741,13 +1733,12 @@ def _dechunk(buffer, start, limit):
                 return None
             return bytes(body), trailer_end + 4
         if len(body) + size > limit:
-            raise _BadRequest(413, "Payload too large",
-                              "the request body is larger than %d bytes" % limit)
+            raise _body_too_large(limit)
         if len(buffer) < pos + size + 2:
             return None
         body += buffer[pos:pos + size]
         if buffer[pos + size:pos + size + 2] != b"\r\n":
-            raise _BadRequest(400, "Bad request", "malformed chunked body")
+            raise RequestError(400, "Bad request", "malformed chunked body")
         pos += size + 2
 
 
@@ -1819,7 +1810,7 @@ class _Connection(asyncio.Protocol):
         while not self.write_paused and self.linger_until is None:
             try:
                 request = self._next_request()
-            except _BadRequest as error:
+            except RequestError as error:
                 self.finish_with_error(error.status, error.title, error.message)
                 return
             if request is None:
@@ -1840,14 +1831,11 @@ class _Connection(asyncio.Protocol):
         buffer = self.buffer
         if self.head is None:
             end = buffer.find(b"\r\n\r\n")
+            if (end if end >= 0 else len(buffer)) > _MAX_HEAD:
+                raise RequestError(431, "Request header fields too large",
+                                   "the request head is larger than %d bytes" % _MAX_HEAD)
             if end < 0:
-                if len(buffer) > _MAX_HEAD:
-                    raise _BadRequest(431, "Request header fields too large",
-                                      "the request head is larger than %d bytes" % _MAX_HEAD)
                 return None
-            if end > _MAX_HEAD:
-                raise _BadRequest(431, "Request header fields too large",
-                                  "the request head is larger than %d bytes" % _MAX_HEAD)
             self.head = self.server._parse_head(bytes(buffer[:end]), self.peer)
             del buffer[:end + 4]
         environ, keep_alive, length, expect_continue = self.head
@@ -1875,7 +1863,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.head = (environ, keep_alive, length, False)
 
-    def finish_with_error(self, status, title, message, log_line=None):
+    def finish_with_error(self, status, title, message):
         """Send a final error response, then drain input briefly so the client can read it."""
         server = self.server
         body = error_body(title, message)
@@ -2019,7 +2007,6 @@ class TaskServer:
         loop.add_reader(listener, lambda: client_waiting.done() or client_waiting.set_result(None))
         try:
             await asyncio.wait([slot, client_waiting], return_when=asyncio.FIRST_COMPLETED)
-            loop.remove_reader(listener)
             if not slot.done():
                 self._close_an_idle_connection()
             await slot
@@ -2180,17 +2167,17 @@ class TaskServer:
             lines = text.split("\r\n")
             method, target, protocol = lines[0].split(" ")
         except ValueError:
-            raise _BadRequest(400, "Bad request", "malformed request line") from None
+            raise RequestError(400, "Bad request", "malformed request line") from None
         if protocol not in ("HTTP/1.1", "HTTP/1.0"):
-            raise _BadRequest(505, "HTTP version not supported",
+            raise RequestError(505, "HTTP version not supported",
                               "only HTTP/1.0 and HTTP/1.1 are supported")
         if not method.isalpha() or not method.isupper():
-            raise _BadRequest(400, "Bad request", "malformed request method")
+            raise RequestError(400, "Bad request", "malformed request method")
         if not target.startswith("/"):
             if target.startswith(("http://", "https://")):
                 target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
             else:
-                raise _BadRequest(400, "Bad request", "malformed request target")
+                raise RequestError(400, "Bad request", "malformed request target")
         path, _, query = target.partition("?")
         environ = self._base_environ.copy()
         environ["REQUEST_METHOD"] = method
@@ -2199,17 +2186,17 @@ class TaskServer:
         environ["SERVER_PROTOCOL"] = protocol
         environ["REMOTE_ADDR"] = peer
         if len(lines) > _MAX_HEADERS + 1:
-            raise _BadRequest(431, "Request header fields too large",
+            raise RequestError(431, "Request header fields too large",
                               "more than %d request headers" % _MAX_HEADERS)
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip() or " " in name:
-                raise _BadRequest(400, "Bad request", "malformed request header")
+                raise RequestError(400, "Bad request", "malformed request header")
             key = name.upper().replace("-", "_")
             value = value.strip(" \t")
             if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
                 if key in environ and environ[key] != value:
-                    raise _BadRequest(400, "Bad request", "conflicting %s headers" % name)
+                    raise RequestError(400, "Bad request", "conflicting %s headers" % name)
                 environ[key] = value
                 continue
             key = "HTTP_" + key
@@ -2224,20 +2211,19 @@ class TaskServer:
         transfer_encoding = environ.pop("HTTP_TRANSFER_ENCODING", None)
         if transfer_encoding is not None:
             if "CONTENT_LENGTH" in environ:
-                raise _BadRequest(400, "Bad request",
+                raise RequestError(400, "Bad request",
                                   "Content-Length and Transfer-Encoding together")
             if transfer_encoding.strip().lower() != "chunked":
-                raise _BadRequest(501, "Not implemented",
+                raise RequestError(501, "Not implemented",
                                   "only the chunked transfer coding is supported")
             length = "chunked"
         else:
             length_text = environ.get("CONTENT_LENGTH", "0") or "0"
             if not length_text.isdigit() or not length_text.isascii():
-                raise _BadRequest(400, "Bad request", "Content-Length is not a number")
+                raise RequestError(400, "Bad request", "Content-Length is not a number")
             length = int(length_text)
             if length > self.max_body:
-                raise _BadRequest(413, "Payload too large",
-                                  "the request body is larger than %d bytes" % self.max_body)
+                raise _body_too_large(self.max_body)
         expect_continue = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
         return environ, keep_alive, length, expect_continue
 
@@ -2425,6 +2411,11 @@ def _expect_task(task, what, sent=None, completed=None):
                     "%s: completedAt %s is not an ISO 8601 date-time" % (what, json.dumps(at)))
 
 
+def _expect_array(result, what):
+    _expect(isinstance(result[1], list), "%s -> %s: not a JSON array"
+            % (what, _seen(result[0], result[2])))
+
+
 def _expect_error_body(result, what):
     status, body, text = result
     _expect(isinstance(body, dict) and isinstance(body.get("error"), str)
@@ -2511,8 +2502,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
         result = client.call("POST", "/tasks/batch", {"ids": [pair[0], missing, pair[1]]})
         state["batch get"] = result
         _expect_status(result, (200,), what)
-        _expect(isinstance(result[1], list), "%s -> %s: not a JSON array"
-                % (what, _seen(result[0], result[2])))
+        _expect_array(result, what)
         ids = [task.get("id") if isinstance(task, dict) else task for task in result[1]]
         _expect(sorted(ids) == sorted(pair), "%s -> ids %s (expected %s, the missing one "
                                              "omitted)" % (what, ids, pair))
@@ -2525,8 +2515,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
         result = client.call("PATCH", "/tasks/batch", {"ids": pair, "completed": True})
         state["batch complete"] = result
         _expect_status(result, (200,), what)
-        _expect(isinstance(result[1], list), "%s -> %s: not a JSON array"
-                % (what, _seen(result[0], result[2])))
+        _expect_array(result, what)
         ids = sorted(task.get("id") for task in result[1] if isinstance(task, dict))
         _expect(ids == sorted(pair), "%s -> ids %s (expected %s)" % (what, ids, pair))
         for task in result[1]:
@@ -2647,12 +2636,12 @@ def _build_parser():
                     "kept in the database and printed at every start.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def option(flag, kind, default, text):
+    def option(flag, kind, default, text, target=parser):
         # Every server option has an environment variable: --max-body is
         # GENESY_TASKS_MAX_BODY. argparse converts defaults given as text, so
         # a bad value from the environment is refused like a bad flag.
         env = "GENESY_TASKS_" + flag[2:].upper().replace("-", "_")
-        parser.add_argument(flag, type=kind, default=_env_default(env, default),
+        target.add_argument(flag, type=kind, default=_env_default(env, default),
                             help="%s (env %s)" % (text, env))
 
     option("--host", str, DEFAULT_HOST, "address to listen on")
@@ -2685,10 +2674,9 @@ def _build_parser():
                                          "the key generated in --db)")
     check.add_argument("--header", default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
                        help="the header that carries the key (env GENESY_API_KEY_HEADER)")
-    check.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
-                       help="where to find a generated key when none is given "
-                            "(env GENESY_TASKS_DB); opened read-only")
-    check.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    option("--db", str, DEFAULT_DB,
+           "where to find a generated key when none is given, opened read-only", check)
+    check.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
     check.add_argument("--insecure", action="store_true",
                        help="accept any TLS certificate (a self-signed test server)")
     backup = commands.add_parser(
@@ -2699,8 +2687,7 @@ def _build_parser():
                     "database file, delete the database's -wal and -shm files, start again.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     backup.add_argument("dest", help="the backup file to write")
-    backup.add_argument("--db", default=_env_default("GENESY_TASKS_DB", DEFAULT_DB),
-                        help="the database to copy (env GENESY_TASKS_DB)")
+    option("--db", str, DEFAULT_DB, "the database to copy", backup)
     backup.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     return parser
 

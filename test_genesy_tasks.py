@@ -1325,6 +1325,18 @@ def test_an_acknowledged_task_survives_kill_9(tmp_path):
     assert again.stop() == 0
 
 
+def _refused_at_start(*args):
+    """Start ``python genesy_tasks.py --port 0 ARGS``; it must exit 2 with one stderr line."""
+    result = subprocess.run([sys.executable, MODULE, "--port", "0", *args],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "GENESY_API_KEY": KEY})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize("make_bad_path, words", [
     (lambda tmp: str(tmp / "missing" / "tasks.db"), ["does not exist"]),
     (lambda tmp: (tmp / "junk.db").write_bytes(b"not a database at all" * 100) and
@@ -1333,15 +1345,9 @@ def test_an_acknowledged_task_survives_kill_9(tmp_path):
     (lambda tmp: "/proc/genesy-tasks.db", ["cannot create"]),
 ])
 def test_a_bad_db_path_fails_at_start_with_one_clear_line(tmp_path, make_bad_path, words):
-    result = subprocess.run([sys.executable, MODULE, "--db", make_bad_path(tmp_path),
-                             "--port", "0"], capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "GENESY_API_KEY": KEY})
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
+    line = _refused_at_start("--db", make_bad_path(tmp_path))
     for word in words:
-        assert word in lines[0]
-    assert "Traceback" not in result.stderr
+        assert word in line
 
 
 def test_flags_win_over_the_environment(monkeypatch):
@@ -1920,14 +1926,8 @@ def test_a_bad_certificate_fails_at_start_with_one_clear_line(tmp_path, certific
     for args, words in ((["--tls-cert", str(tmp_path / "missing.pem")], ["missing.pem"]),
                         (["--tls-cert", key, "--tls-key", key], ["certificate"]),
                         (["--tls-key", key], ["--tls-cert"])):
-        result = subprocess.run([sys.executable, MODULE, "--port", "0",
-                                 "--db", str(tmp_path / "t.db"), *args],
-                                capture_output=True, text=True, timeout=30,
-                                env={**os.environ, "GENESY_API_KEY": KEY})
-        assert result.returncode == 2
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
-        assert all(word in lines[0] for word in words), lines
+        line = _refused_at_start("--db", str(tmp_path / "t.db"), *args)
+        assert all(word in line for word in words), line
 
 
 def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
