@@ -309,7 +309,7 @@ def main(argv=None):
                         help="a reduced set (1,000 and 100,000 tasks, 8 and 64 connections, "
                              "2 s each), under a minute")
     parser.add_argument("--seconds", type=int, default=None,
-                        help="seconds per wrk run (default 5, or 2 with --quick)")
+                        help="seconds per wrk run (default 5, or 1 with --quick)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"),
                         help="where to write the figures (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -317,7 +317,7 @@ def main(argv=None):
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is missing. Install it with: sudo apt-get install wrk "
                  "(Debian/Ubuntu) or brew install wrk (macOS)")
-    seconds = args.seconds or (2 if args.quick else 5)
+    seconds = args.seconds or (1 if args.quick else 5)
     sizes = (1_000, 100_000) if args.quick else (1_000, 1_000_000)
     levels = (8, 64) if args.quick else (1, 8, 64)
     endpoints = list(LUA_ENDPOINTS)
