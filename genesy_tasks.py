@@ -380,6 +380,19 @@ def _recovering(method):
     return wrapper
 
 
+class _CommitGroup:
+    """The writes of several TaskStore calls, committed together."""
+
+    def __init__(self):
+        self.connection = None  # set by the first write, which began the transaction
+        self.lost = None        # the error that ended that transaction early
+
+    @property
+    def writing(self):
+        """Whether a write has begun the group's transaction (or had, before it was lost)."""
+        return self.connection is not None
+
+
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key was sent again with a different request body."""
 
@@ -452,18 +465,86 @@ class TaskStore:
 
     @contextlib.contextmanager
     def _write(self):
-        """One write transaction; IMMEDIATE so it never fails half-way on a lock upgrade."""
+        """One write transaction; IMMEDIATE so it never fails half-way on a lock upgrade.
+
+        In a commit group (see start_commit_group) it is a savepoint of the
+        group's transaction instead: undone alone if it fails, committed with
+        the others when the group finishes.
+        """
         conn = self._connection()
+        group = getattr(self._local, "group", None)
+        if group is not None:
+            with self._savepoint(conn, group):
+                yield conn
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            # A failed COMMIT (disk full, I/O error) can leave the transaction
-            # open, and some errors end it already: roll back what is left.
-            if conn.in_transaction:
+            self._roll_back(conn)
+            raise
+
+    @staticmethod
+    def _roll_back(conn):
+        # A failed COMMIT (disk full, I/O error) can leave the transaction
+        # open, and some errors end it already: roll back what is left.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _savepoint(conn, group):
+        if group.lost is not None:
+            raise group.lost  # a new transaction now would outlive the group
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+            group.connection = conn
+        conn.execute("SAVEPOINT genesy_write")
+        try:
+            yield
+            conn.execute("RELEASE genesy_write")
+        except BaseException:
+            if conn.in_transaction:  # some errors end the whole transaction
                 with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                    conn.execute("ROLLBACK TO genesy_write")
+                    conn.execute("RELEASE genesy_write")
+            raise
+
+    def start_commit_group(self):
+        """Let this thread's writes share one transaction until finish_commit_group().
+
+        A COMMIT costs as much as a small write: committing the writes of
+        several requests at once spends it once. Each write is a savepoint,
+        so a failed one undoes only itself. Until the group finishes, its
+        writes are visible to this thread only and may still be lost, so
+        nothing that depends on them may be acknowledged. The returned
+        group's ``writing`` says whether anything depends on it yet.
+        """
+        if getattr(self._local, "group", None) is not None:
+            raise RuntimeError("a commit group is already open on this thread")
+        group = self._local.group = _CommitGroup()
+        return group
+
+    @_recovering
+    def finish_commit_group(self):
+        """Commit the open group's writes, and end the group.
+
+        Raises sqlite3.OperationalError when they were not committed (the
+        COMMIT failed, or a failure ended the transaction before it): then
+        none of them were, and every answer that depended on them is void.
+        """
+        group, self._local.group = self._local.group, None
+        if group.lost is not None:
+            raise group.lost
+        conn = group.connection
+        if conn is None:
+            return
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            self._roll_back(conn)
             raise
 
     def _discard_connection(self):
@@ -476,6 +557,11 @@ class TaskStore:
         if conn is None:
             return
         self._local.connection = None
+        group = getattr(self._local, "group", None)
+        if group is not None and group.connection is conn:
+            # The group's transaction goes with the connection.
+            group.lost = sqlite3.OperationalError(
+                "a failed write ended the transaction of its commit group")
         with self._connections_lock:
             if conn in self._connections:
                 self._connections.remove(conn)
@@ -947,8 +1033,12 @@ def _idempotency_key(environ):
     return key
 
 
+def _unavailable_message(error):
+    """What a 503 says when SQLite refused: why, in a few words a client may see."""
+    return "the task database is unavailable (%s); retry later" % _unavailable_reason(error)
+
+
 def _unavailable_reason(error):
-    """Why SQLite refused, in a few words a client may see."""
     text = str(error).lower()
     for words, reason in ((("locked", "busy"), "busy: another writer holds it"),
                           (("readonly", "read-only"), "read-only"),
@@ -1546,8 +1636,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                 # request may succeed later, so say so instead of failing.
                 environ["wsgi.errors"].write("genesy-tasks: storage unavailable: %s\n" % error)
                 return _error_response(503, "Service unavailable",
-                                       "the task database is unavailable (%s); retry later"
-                                       % _unavailable_reason(error), {"Retry-After": "1"})
+                                       _unavailable_message(error), {"Retry-After": "1"})
             except Exception:
                 environ["wsgi.errors"].write(traceback.format_exc())
                 return _error_response(500, "Internal server error",
@@ -1708,7 +1797,13 @@ _LINGER_SECONDS = 2.0
 # The most asyncio reads from a socket at once.
 _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
+_RETRY_HEADERS = _ERROR_HEADERS + [("Retry-After", "1")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
+# A commit group (see TaskServer._handle) ends early after this many
+# responses or bytes of responses, so a burst of pipelined requests is
+# answered, and flow control sees the bytes, before they pile up.
+_GROUP_MAX_RESPONSES = 64
+_GROUP_MAX_BYTES = 1024 * 1024
 
 
 def _dechunk(buffer, start, limit):
@@ -1790,7 +1885,7 @@ class _Connection(asyncio.Protocol):
         # The client half-closed: answer what has fully arrived, then close.
         self.closing = True
         self._process()
-        self.transport.close()
+        self.server._close_when_answered(self)
         return True
 
     def pause_writing(self):
@@ -1818,7 +1913,7 @@ class _Connection(asyncio.Protocol):
             server._handle(self, *request)
             self.answered += 1
             if self.closing:
-                self.transport.close()
+                server._close_when_answered(self)
                 return
             if self.buffer:
                 self.request_started = time.monotonic()
@@ -1860,12 +1955,14 @@ class _Connection(asyncio.Protocol):
         # curl and others wait for "100 Continue" before sending a large body.
         environ, keep_alive, length, expect_continue = self.head
         if expect_continue:
+            self.server._end_group()  # answers held for earlier requests go first
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.head = (environ, keep_alive, length, False)
 
     def finish_with_error(self, status, title, message):
         """Send a final error response, then drain input briefly so the client can read it."""
         server = self.server
+        server._end_group()  # answers held for earlier requests go first
         body = error_body(title, message)
         self.transport.write(server._response_head(
             "%d %s" % (status, title), _ERROR_HEADERS, body, keep_alive=False) + body)
@@ -1890,6 +1987,12 @@ class TaskServer:
     one at a time costs less than handing them between threads (the GIL makes
     threads take turns anyway), while no client can hold up another by being
     slow to send or to read.
+
+    For the app of make_app(), the writes of all requests handled in one turn
+    of the loop commit together, once (TaskStore.start_commit_group), and
+    their responses are sent after that COMMIT: one commit per turn rather
+    than per request, and nothing is acknowledged before it is committed.
+    If the commit fails, every response that depended on it becomes a 503.
 
     At most ``max_connections`` connections are open at once; more wait in
     the kernel's listen queue, unanswered but not refused, until one closes.
@@ -1944,6 +2047,11 @@ class TaskServer:
         self._date_header = ""
         self._stopped = self._loop.create_future()
         self._sweeper = None
+        store = app.store if isinstance(app, TasksApp) else None
+        self._store = store  # whose writes commit in groups, if any
+        self._group = None   # the open commit group
+        self._held = []      # responses waiting for its commit, in order
+        self._held_bytes = 0
 
     @staticmethod
     def _listen(host, port):
@@ -2072,6 +2180,7 @@ class TaskServer:
         the way, or new and yet to send its first, keeps its place until it is
         answered or times out.
         """
+        self._end_group()  # an idle connection's last answer may be held
         idle = [conn for conn in self._connections if conn.answered
                 and conn.request_started is None and conn.linger_until is None]
         if idle:
@@ -2092,6 +2201,7 @@ class TaskServer:
             loop.run_until_complete(self._stopped)
             loop.run_until_complete(self._drain())
         finally:
+            self._end_group()  # its end may be among the callbacks the loop did not run
             self._sweeper.cancel()
             self._socket.close()
             self._flush_log()
@@ -2108,6 +2218,7 @@ class TaskServer:
         if self._stopping:
             return
         self._stopping = True
+        self._end_group()  # idle connections are closed below: send their answers
         if self._accepting is not None:
             self._accepting.cancel()
         for conn in list(self._connections):
@@ -2140,6 +2251,7 @@ class TaskServer:
 
     def _sweep(self):
         """Once a second: time out stalled requests, idle connections and lingering closes."""
+        self._end_group()  # before closing anything
         now = time.monotonic()
         for conn in list(self._connections):
             if conn.linger_until is not None:
@@ -2228,10 +2340,15 @@ class TaskServer:
         return environ, keep_alive, length, expect_continue
 
     def _handle(self, conn, environ, keep_alive):
-        """Run the application on one complete request and write its response."""
+        """Run the application on one complete request and send its response."""
         started = time.perf_counter()
         if self._stopping or conn.closing:
             keep_alive = False
+        if self._store is not None and self._group is None:
+            # The group ends at the start of the loop's next turn, after the
+            # requests that arrived in this one.
+            self._group = self._store.start_commit_group()
+            self._loop.call_soon(self._end_group)
         response = []
 
         def start_response(status, headers, exc_info=None):
@@ -2251,19 +2368,69 @@ class TaskServer:
             headers = _ERROR_HEADERS
             body = error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
-        if environ["REQUEST_METHOD"] == "HEAD":
+        head_only = environ["REQUEST_METHOD"] == "HEAD"
+        if head_only:
             body = b""
-        head = self._response_head(status, headers, body, keep_alive,
-                                   environ["SERVER_PROTOCOL"] == "HTTP/1.0")
-        conn.transport.write(head + body)
+        http10 = environ["SERVER_PROTOCOL"] == "HTTP/1.0"
+        head = self._response_head(status, headers, body, keep_alive, http10)
         if not keep_alive:
             conn.closing = True
         path = environ["PATH_INFO"]
         if not path.isprintable():
             path = path.encode("unicode_escape").decode("ascii")  # no forged log lines
-        self._log("%s %s %s %s %.2fms" % (
-            conn.peer, environ["REQUEST_METHOD"], path, status[:3],
-            (time.perf_counter() - started) * 1000))
+        request = "%s %s %s" % (conn.peer, environ["REQUEST_METHOD"], path)
+        elapsed = (time.perf_counter() - started) * 1000
+        if self._group is None:
+            conn.transport.write(head + body)
+            self._log("%s %s %.2fms" % (request, status[:3], elapsed))
+            return
+        self._held.append((conn, head + body, self._group.writing,
+                           (keep_alive, http10, head_only), (request, status[:3], elapsed)))
+        self._held_bytes += len(body)
+        if len(self._held) >= _GROUP_MAX_RESPONSES or self._held_bytes >= _GROUP_MAX_BYTES:
+            self._end_group()
+
+    def _close_when_answered(self, conn):
+        """Close ``conn`` once its responses, held ones included, are sent."""
+        if self._group is None:
+            conn.transport.close()
+        else:
+            self._held.append((conn, None, False, None, None))
+
+    def _end_group(self):
+        """Commit the open commit group, if any, then send the responses it held.
+
+        When the commit fails, none of the group's writes happened: each
+        response given after its first write (which may say that they did,
+        or rest on what they wrote) is replaced by a 503, so the client
+        retries, and nothing unsaved is ever acknowledged.
+        """
+        group, self._group = self._group, None
+        if group is None:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        failure = None
+        try:
+            self._store.finish_commit_group()
+        except sqlite3.Error as error:
+            failure = error
+            self._log("- - storage unavailable: the commit of a group of writes failed: %s"
+                      % error)
+        for conn, data, depends, shape, logged in held:
+            if conn.transport.is_closing():
+                continue  # the client left, or the connection was closed in order
+            if data is None:
+                conn.transport.close()
+                continue
+            request, status, elapsed = logged
+            if failure is not None and depends:
+                keep_alive, http10, head_only = shape
+                status = "503"
+                body = error_body("Service unavailable", _unavailable_message(failure))
+                data = self._response_head("503 Service Unavailable", _RETRY_HEADERS, body,
+                                           keep_alive, http10) + (b"" if head_only else body)
+            conn.transport.write(data)
+            self._log("%s %s %.2fms" % (request, status, elapsed))
 
     def _response_head(self, status, headers, body, keep_alive, http10=False):
         lines = ["HTTP/1.1 " + status]

@@ -1,6 +1,7 @@
 """Tests for genesy_tasks: WebTest against make_app, TaskStore directly, and the
 real server as a process. Each test gets a fresh database in tmp_path."""
 
+import asyncio
 import contextlib
 import http.client
 import io
@@ -843,6 +844,114 @@ def test_create_many_is_all_or_nothing(db_path):
         with pytest.raises(TaskValidationError, match="subject"):
             store.create_many([{"subject": "three"}, {"subject": ""}])
         assert store.count() == 2
+
+
+class _Refusing(TaskStore):
+    """A store whose connections refuse the statements ``refuse(action, arg1)`` picks,
+    with SQLite's own "not authorized" error: a failure at a chosen point of a write."""
+    _refuse = None
+
+    @property
+    def refuse(self):
+        return self._refuse
+
+    @refuse.setter
+    def refuse(self, refuse):
+        self._refuse = refuse
+        for conn in self._connections:  # also makes SQLite prepare statements afresh
+            self._authorize(conn)
+
+    def _authorize(self, conn):
+        refuse = self._refuse
+        conn.set_authorizer(None if refuse is None else lambda action, arg1, *rest: (
+            sqlite3.SQLITE_DENY if refuse(action, arg1) else sqlite3.SQLITE_OK))
+
+    def _connection(self):
+        conn = super()._connection()
+        self._authorize(conn)
+        return conn
+
+
+def _visible_elsewhere(db_path):
+    """The subjects another connection (another process, say) can see."""
+    with contextlib.closing(sqlite3.connect(db_path)) as other:
+        return sorted(row[0] for row in other.execute("SELECT subject FROM genesy_tasks"))
+
+
+def test_a_commit_group_commits_its_writes_once_at_its_end(db_path):
+    store = TaskStore(db_path)
+    statements = []
+    store._connection().set_trace_callback(statements.append)
+    group = store.start_commit_group()
+    assert not group.writing
+    assert store.get("task-none") is None and not group.writing  # reads begin nothing
+    first = store.create({"subject": "one"})
+    assert group.writing
+    store.update(first["id"], {"completed": True})
+    store.set_completed_many([first["id"]], False)
+    store.create({"subject": "two"})
+    assert store.get(first["id"])["completed"] is False  # this thread sees its writes
+    assert _visible_elsewhere(db_path) == []             # nobody else does yet
+    assert statements.count("COMMIT") == 0
+    store.finish_commit_group()
+    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 1
+    assert _visible_elsewhere(db_path) == ["one", "two"]
+    store.create({"subject": "three"})  # after the group: a transaction of its own
+    assert statements.count("COMMIT") == 2
+    store.close()
+
+
+def test_a_failed_write_in_a_commit_group_undoes_itself_only(db_path):
+    # The key is refused after the task row is written: the savepoint must take
+    # that row back, and leave the writes around it to the group's COMMIT.
+    store = _Refusing(db_path)
+    store.start_commit_group()
+    store.create({"subject": "before"})
+    store.refuse = lambda action, table: (action == sqlite3.SQLITE_INSERT
+                                          and table == "genesy_idempotency")
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        store.create_idempotent({"subject": "refused"}, "key-1")
+    store.refuse = None
+    store.create({"subject": "after"})
+    store.finish_commit_group()
+    assert _visible_elsewhere(db_path) == ["after", "before"]
+    store.close()
+
+
+def test_a_commit_group_whose_transaction_is_lost_commits_nothing(db_path):
+    store = _FillingDisk(db_path)
+    store.start_commit_group()
+    store.create({"subject": "small"})
+    store.full = True
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.create({"subject": "big", "description": "x" * 20000})
+    store.full = False
+    # The failure took the connection and the group's transaction with it: later
+    # writes of the group are refused rather than committed on their own...
+    with pytest.raises(sqlite3.OperationalError, match="commit group"):
+        store.create({"subject": "later"})
+    # ...and finishing says the group's writes were lost.
+    with pytest.raises(sqlite3.OperationalError, match="commit group"):
+        store.finish_commit_group()
+    assert _visible_elsewhere(db_path) == []
+    store.create({"subject": "afterwards"})
+    assert _visible_elsewhere(db_path) == ["afterwards"]
+    store.close()
+
+
+def test_a_failed_commit_of_a_group_rolls_it_back(db_path):
+    store = _Refusing(db_path)
+    store.start_commit_group()
+    store.create({"subject": "never"})
+    store.refuse = lambda action, verb: action == sqlite3.SQLITE_TRANSACTION and verb == "COMMIT"
+    with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        store.finish_commit_group()
+    store.refuse = None
+    assert not store._connection().in_transaction
+    assert _visible_elsewhere(db_path) == []
+    store.create({"subject": "next"})
+    assert _visible_elsewhere(db_path) == ["next"]
+    store.close()
 
 
 def test_the_wal_stays_bounded_under_continuous_writes(db_path):
@@ -1879,6 +1988,122 @@ def test_uploads_larger_together_than_the_budget_all_finish(tasks_app, store):
         for thread in threads:
             thread.join(timeout=60)
     assert results == [(200, 3000)] * 4
+
+
+def _request_bytes(method, path, body=None, headers=None):
+    head = "%s %s HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n" % (method, path, KEY)
+    for name, value in (headers or {}).items():
+        head += "%s: %s\r\n" % (name, value)
+    data = b"" if body is None else json.dumps(body).encode()
+    if body is not None:
+        head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
+    return head.encode() + b"\r\n" + data
+
+
+def _pipelined(port, *requests):
+    """Send ``requests`` in one write, the last asking to close; the responses, in
+    order, as (status, headers, body) with JSON bodies decoded."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(requests))
+        reply = _read_all(sock)
+    responses = []
+    while reply:
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers.get("Content-Length", 0))
+        body, reply = rest[:length], rest[length:]
+        responses.append((int(lines[0].split()[1]), headers,
+                          json.loads(body) if body else None))
+    return responses
+
+
+def _on_server_thread(server, function):
+    """Run ``function`` on the server's thread, between two turns of its loop; wait for it."""
+    async def call():
+        return function()
+    return asyncio.run_coroutine_threadsafe(call(), server._loop).result(timeout=10)
+
+
+def _subjects(store):
+    return sorted(task["subject"] for task in store.list(limit=500)["tasks"])
+
+
+def test_requests_that_arrive_together_commit_together(db_path):
+    store = TaskStore(db_path)
+    application = make_app(store, api_keys=KEY)
+    statements = []
+    with _server_thread(application) as server:
+        _on_server_thread(server, lambda: store._connection().set_trace_callback(
+            statements.append))
+        creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
+                   for n in range(20)]
+        responses = _pipelined(server.port, *creates,
+                               _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    assert [status for status, _, _ in responses] == [201] * 20 + [200]
+    assert [body["subject"] for _, _, body in responses[:20]] == ["burst %02d" % n
+                                                                  for n in range(20)]
+    # Twenty creates, one request head each: one transaction, not twenty (two
+    # should TCP split the burst).
+    assert 1 <= statements.count("COMMIT") <= 2
+    assert statements.count("SAVEPOINT genesy_write") == 20
+    assert _subjects(store) == ["burst %02d" % n for n in range(20)]
+    application.close()
+
+
+def test_when_a_group_commit_fails_its_answers_become_503s_and_nothing_is_kept(db_path):
+    store = _Refusing(db_path)
+    application = make_app(store, api_keys=KEY)
+    existing = store.create({"subject": "existing"})
+    with _server_thread(application) as server:
+        def refuse_commits():
+            store._connection()  # open the server thread's connection, so it refuses too
+            store.refuse = lambda action, verb: (action == sqlite3.SQLITE_TRANSACTION
+                                                 and verb == "COMMIT")
+        _on_server_thread(server, refuse_commits)
+        responses = _pipelined(
+            server.port,
+            # Before the group's first write: an answer that depends on nothing.
+            _request_bytes("GET", "/tasks/" + existing["id"]),
+            _request_bytes("POST", "/tasks", {"subject": "lost 1"}),
+            _request_bytes("PATCH", "/tasks/" + existing["id"], {"completed": True}),
+            # After it: even a read may have seen what the group wrote.
+            _request_bytes("GET", "/tasks/" + existing["id"], headers={"Connection": "close"}))
+        statuses = [status for status, _, _ in responses]
+        assert statuses == [200, 503, 503, 503]
+        for status, headers, body in responses[1:]:
+            assert body == {"error": "Service unavailable",
+                            "message": "the task database is unavailable (storage error); "
+                                       "retry later"}
+            assert headers["Retry-After"] == "1"
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        assert responses[0][2] == existing
+        _on_server_thread(server, lambda: setattr(store, "refuse", None))
+        assert _subjects(store) == ["existing"]
+        assert store.get(existing["id"])["completed"] is False
+        # The server goes on: the next group commits.
+        again = _pipelined(server.port, _request_bytes("POST", "/tasks", {"subject": "kept"},
+                                                       headers={"Connection": "close"}))
+        assert [status for status, _, _ in again] == [201]
+        log = server._log_stream.getvalue()
+    assert _subjects(store) == ["existing", "kept"]
+    assert "the commit of a group of writes failed: not authorized" in log
+    assert re.search(r"POST /tasks 503 ", log)
+    application.close()
+
+
+def test_held_answers_keep_their_order_before_errors_and_closes(tasks_app, store):
+    with _server_thread(tasks_app) as server:
+        responses = _pipelined(server.port,
+                               _request_bytes("POST", "/tasks", {"subject": "first"}),
+                               _request_bytes("POST", "/tasks", {"subject": 7}),
+                               _request_bytes("POST", "/tasks", {"subject": "third"}),
+                               b"NONSENSE\r\n\r\n")
+    assert [status for status, _, _ in responses] == [201, 400, 201, 400]
+    assert [body["subject"] for _, _, body in (responses[0], responses[2])] == ["first",
+                                                                               "third"]
+    assert responses[3][2]["message"] == "malformed request line"
+    assert _subjects(store) == ["first", "third"]
 
 
 @pytest.fixture
