@@ -1,6 +1,6 @@
 """Benchmark genesy-tasks against its stack's ceiling, in one run.
 
-    python bench/bench.py            # the full run (about 6 minutes)
+    python bench/bench.py            # the full run (about 5 minutes)
     python bench/bench.py --quick    # a reduced set, under a minute
 
 It seeds databases of 1,000 and 1,000,000 tasks through TaskStore (kept in
