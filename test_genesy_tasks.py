@@ -358,10 +358,10 @@ def test_batch_complete_is_one_transaction(api, store, monkeypatch):
     a, b = (create(api)["id"] for _ in range(2))
 
     # The UPDATE runs, then building the answer in the same transaction fails.
-    def fail(row):
+    def fail(*args):
         raise RuntimeError("failure after the UPDATE ran")
 
-    monkeypatch.setattr(genesy_tasks, "_task", fail)
+    monkeypatch.setattr(genesy_tasks, "_in_request_order", fail)
     response = api.patch_json("/tasks/batch", {"ids": [a, b], "completed": True},
                               headers=HEADERS, expect_errors=True)
     assert_error(response, 500)
@@ -781,7 +781,7 @@ def test_an_unexpected_failure_is_a_json_500_and_is_logged(api, store, monkeypat
     def explode(task_id):
         raise ZeroDivisionError("secret internals")
 
-    monkeypatch.setattr(store, "get", explode)
+    monkeypatch.setattr(store, "get_json", explode)
     response = api.get("/tasks/task-1", headers=HEADERS, expect_errors=True)
     assert_error(response, 500)
     assert "secret" not in response.text and "Traceback" not in response.text
@@ -835,6 +835,32 @@ def test_store_api_returns_plain_dicts_in_the_json_shape(db_path):
         with pytest.raises(TaskValidationError):
             store.set_completed_many([task["id"]], "yes")
         assert json.loads(json.dumps(store.get(task["id"]))) == store.get(task["id"])
+
+
+@pytest.mark.parametrize("text", [
+    'quote " backslash \\ slash / apostrophe \'', "tab\t newline\n return\r",
+    "\x00nul \x01 \x1f \x7f controls", "ünïcödé ✓ 😀 \u2028 \u2029 \ufeff",
+    "<script>alert(1)</script> &amp;", "  padded  ", "x" * 10000,
+])
+def test_sqlite_made_json_is_exactly_the_task_as_written(store, text):
+    # Reads send the JSON SQLite makes (_TASK_JSON); the dicts are decoded from
+    # it. Both must be the task as written, and as Python would encode it.
+    fields = dict(FULL_TASK, subject=text, description=text, ownerId=text, type=None)
+    task = store.create(fields)
+    done = store.set_completed_many([task["id"]], True)[0]
+    assert {**done, "completed": False, "completedAt": None,
+            "updatedAt": task["updatedAt"]} == task
+    assert done["completed"] is True and done["subject"] == text
+    conn = store._connection()
+    row = conn.execute("SELECT %s FROM genesy_tasks" % genesy_tasks._COLUMNS).fetchone()
+    assert genesy_tasks._task(row) == done
+    page = store.list_json(owner_id=text)
+    assert json.loads(page) == {"tasks": [done], "nextCursor": None}
+    for sent in (store.get_json(task["id"]), store.get_many_json([task["id"]])[1:-1],
+                 store.set_completed_many_json([task["id"]], True)[1:-1]):
+        assert json.loads(sent) == done
+        assert list(json.loads(sent)) == list(genesy_tasks.TASK_FIELDS)
+        assert sent == genesy_tasks._json_bytes(done)
 
 
 def test_create_many_is_all_or_nothing(db_path):
