@@ -485,17 +485,20 @@ class TaskStore:
         return conn
 
     @contextlib.contextmanager
-    def _write(self):
+    def _write(self, one_statement=False):
         """One write transaction; IMMEDIATE so it never fails half-way on a lock upgrade.
 
         In a commit group (see start_commit_group) it is a savepoint of the
         group's transaction instead: undone alone if it fails, committed with
-        the others when the group finishes.
+        the others when the group finishes. With ``one_statement`` (the block
+        changes the database with one statement at most, and raises nothing
+        after it) it needs no savepoint: SQLite undoes a failed statement by
+        itself, and the SAVEPOINT and RELEASE would cost about 5 µs a write.
         """
         conn = self._connection()
         group = getattr(self._local, "group", None)
         if group is not None:
-            with self._savepoint(conn, group):
+            with self._savepoint(conn, group, one_statement):
                 yield conn
             return
         conn.execute("BEGIN IMMEDIATE")
@@ -516,12 +519,15 @@ class TaskStore:
 
     @staticmethod
     @contextlib.contextmanager
-    def _savepoint(conn, group):
+    def _savepoint(conn, group, one_statement):
         if group.lost is not None:
             raise group.lost  # a new transaction now would outlive the group
         if not conn.in_transaction:
             conn.execute("BEGIN IMMEDIATE")
             group.connection = conn
+        if one_statement:
+            yield
+            return
         conn.execute("SAVEPOINT genesy_write")
         try:
             yield
@@ -670,7 +676,7 @@ class TaskStore:
     def create(self, fields):
         """Create a task from the create fields of ``fields``; return it whole."""
         task, row = self._new_task(fields)
-        with self._write() as conn:
+        with self._write(one_statement=True) as conn:
             conn.execute(_INSERT, row)
         return task
 
@@ -737,7 +743,7 @@ class TaskStore:
         changes = validate_task_changes(fields)
         if not isinstance(task_id, str):
             return None
-        with self._write() as conn:
+        with self._write(one_statement=True) as conn:
             row = conn.execute(_SELECT_ONE_FOR_UPDATE, (task_id,)).fetchone()
             if row is None:
                 return None
@@ -771,7 +777,7 @@ class TaskStore:
         """Delete the task with this id; return whether there was one."""
         if not isinstance(task_id, str):
             return False
-        with self._write() as conn:
+        with self._write(one_statement=True) as conn:
             return conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
                                 (task_id,)).rowcount > 0
 
