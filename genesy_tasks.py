@@ -522,18 +522,22 @@ class TaskStore:
     def _savepoint(conn, group, one_statement):
         if group.lost is not None:
             raise group.lost  # a new transaction now would outlive the group
-        if not conn.in_transaction:
+        if group.connection is None:
             conn.execute("BEGIN IMMEDIATE")
             group.connection = conn
-        if one_statement:
-            yield
-            return
-        conn.execute("SAVEPOINT genesy_write")
+        if not one_statement:
+            conn.execute("SAVEPOINT genesy_write")
         try:
             yield
-            conn.execute("RELEASE genesy_write")
-        except BaseException:
-            if conn.in_transaction:  # some errors end the whole transaction
+            if not one_statement:
+                conn.execute("RELEASE genesy_write")
+        except BaseException as error:
+            if not conn.in_transaction:
+                # Some failures end the whole transaction (a full disk, a
+                # trigger's RAISE(ROLLBACK)), and the group's writes with it.
+                group.lost = sqlite3.OperationalError(
+                    "a failed write ended the transaction of its commit group: %s" % error)
+            elif not one_statement:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO genesy_write")
                     conn.execute("RELEASE genesy_write")
@@ -586,7 +590,7 @@ class TaskStore:
             return
         self._local.connection = None
         group = getattr(self._local, "group", None)
-        if group is not None and group.connection is conn:
+        if group is not None and group.connection is conn and group.lost is None:
             # The group's transaction goes with the connection.
             group.lost = sqlite3.OperationalError(
                 "a failed write ended the transaction of its commit group")

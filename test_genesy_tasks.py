@@ -963,6 +963,32 @@ def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_pa
     store.close()
 
 
+def test_a_write_whose_failure_rolls_back_the_group_loses_the_whole_group(db_path):
+    # RAISE(ROLLBACK) in a CRM's trigger ends the transaction, not just the
+    # statement, with an IntegrityError: the group must not go on in a new one.
+    store = TaskStore(db_path)
+    store._connection().execute(
+        "CREATE TRIGGER crm_rolls_back AFTER INSERT ON genesy_tasks "
+        "WHEN new.subject = 'refused' BEGIN SELECT RAISE(ROLLBACK, 'the CRM rolls back'); END")
+    for one_statement in (True, False):  # a create, then an idempotent create (savepoint)
+        store.start_commit_group()
+        store.create({"subject": "before"})
+        with pytest.raises(sqlite3.IntegrityError, match="the CRM rolls back"):
+            if one_statement:
+                store.create({"subject": "refused"})
+            else:
+                store.create_idempotent({"subject": "refused"}, "key-%s" % one_statement)
+        with pytest.raises(sqlite3.OperationalError, match="ended the transaction"):
+            store.create({"subject": "after"})
+        with pytest.raises(sqlite3.OperationalError, match="the CRM rolls back"):
+            store.finish_commit_group()
+        assert not store._connection().in_transaction
+        assert _visible_elsewhere(db_path) == []
+    store.create({"subject": "on its own"})
+    assert _visible_elsewhere(db_path) == ["on its own"]
+    store.close()
+
+
 def test_a_commit_group_whose_transaction_is_lost_commits_nothing(db_path):
     store = _FillingDisk(db_path)
     store.start_commit_group()
