@@ -493,7 +493,7 @@ class TaskStore:
         the others when the group finishes. With ``one_statement`` (the block
         changes the database with one statement at most, and raises nothing
         after it) it needs no savepoint: SQLite undoes a failed statement by
-        itself, and the SAVEPOINT and RELEASE would cost about 5 µs a write.
+        itself, and the SAVEPOINT and RELEASE would cost 5 to 9 µs a write.
         """
         conn = self._connection()
         group = getattr(self._local, "group", None)
@@ -547,8 +547,8 @@ class TaskStore:
         """Let this thread's writes share one transaction until finish_commit_group().
 
         A COMMIT costs as much as a small write: committing the writes of
-        several requests at once spends it once. Each write is a savepoint,
-        so a failed one undoes only itself. Until the group finishes, its
+        several requests at once spends it once. A write that fails undoes
+        only itself (one of several statements runs in a savepoint). Until the group finishes, its
         writes are visible to this thread only and may still be lost, so
         nothing that depends on them may be acknowledged. The returned
         group's ``writing`` says whether anything depends on it yet.
