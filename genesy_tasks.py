@@ -548,7 +548,9 @@ class TaskStore:
 
         A COMMIT costs as much as a small write: committing the writes of
         several requests at once spends it once. A write that fails undoes
-        only itself (one of several statements runs in a savepoint). Until the group finishes, its
+        only itself (one of several statements runs in a savepoint), unless
+        its failure ends the whole transaction: then the group is lost, its
+        later writes are refused, and finish_commit_group() raises. Until the group finishes, its
         writes are visible to this thread only and may still be lost, so
         nothing that depends on them may be acknowledged. The returned
         group's ``writing`` says whether anything depends on it yet.
