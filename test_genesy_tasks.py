@@ -2658,3 +2658,110 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
             failures.append("%s (%s data): %s" % (operation.label, mode.value, failure))
     assert failures == [], "\n\n".join(failures)
     application.close()
+
+
+# -- group commits are invisible: a burst on the server equals the same requests one by one --
+
+_SEEDED = 4  # tasks in the database before each burst, the ones requests can name
+
+
+# Requests of a burst, as (method, path, body, headers); "{n}" names seeded task n.
+_burst_operations = st.one_of(
+    st.builds(lambda subject: ("POST", "/tasks", {"subject": subject}, {}),
+              st.sampled_from(["call", "  ", 7, "email"])),
+    st.builds(lambda subject, key: ("POST", "/tasks", {"subject": subject},
+                                    {"Idempotency-Key": key}),
+              st.sampled_from(["once", "twice"]), st.sampled_from(["k1", "k2"])),
+    st.builds(lambda n, change: ("PATCH", "/tasks/{%d}" % n, change, {}),
+              st.integers(0, _SEEDED), st.sampled_from([
+                  {"completed": True}, {"completed": False}, {"description": "edited"},
+                  {"dueDate": "not a date"}])),
+    st.builds(lambda picks, completed: ("PATCH", "/tasks/batch",
+                                        {"ids": ["{%d}" % n for n in picks],
+                                         "completed": completed}, {}),
+              st.lists(st.integers(0, _SEEDED), min_size=1, max_size=4),
+              st.sampled_from([True, False, "yes"])),
+    st.builds(lambda n: ("GET", "/tasks/{%d}" % n, None, {}), st.integers(0, _SEEDED)),
+    st.builds(lambda n: ("DELETE", "/tasks/{%d}" % n, None, {}), st.integers(0, _SEEDED)),
+    st.builds(lambda picks: ("POST", "/tasks/batch", {"ids": ["{%d}" % n for n in picks]}, {}),
+              st.lists(st.integers(0, _SEEDED), max_size=4)),
+)
+
+
+def _fill_ids(value, ids):
+    """``value`` with each "{n}" made the id of seeded task n (n == _SEEDED: a missing id)."""
+    if isinstance(value, str):
+        return re.sub(r"\{(\d)\}", lambda m: (ids + ["task-missing"])[int(m.group(1))], value)
+    if isinstance(value, list):
+        return [_fill_ids(item, ids) for item in value]
+    if isinstance(value, dict):
+        return {key: _fill_ids(item, ids) for key, item in value.items()}
+    return value
+
+
+def _comparable(value, ids):
+    """Answers and rows with what differs between two databases taken out: times
+    become whether they are set, and the ids of tasks made in the burst "new"."""
+    if isinstance(value, list):
+        return [_comparable(item, ids) for item in value]
+    if isinstance(value, dict):
+        return {key: (item is not None if key in ("createdAt", "updatedAt", "completedAt")
+                      else (item if key != "id" or item in ids else "new")
+                      if not isinstance(item, (dict, list)) else _comparable(item, ids))
+                for key, item in value.items()}
+    return value
+
+
+def test_a_burst_through_group_commits_equals_the_same_requests_one_by_one(tmp_path):
+    server_db, model_db = str(tmp_path / "server.db"), str(tmp_path / "model.db")
+    server_app = make_app(server_db, api_keys=KEY)
+    with _server_thread(server_app) as server:
+
+        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)))
+        @given(st.lists(_burst_operations, min_size=1, max_size=12))
+        def check(burst):
+            # The same starting point on both sides: seeded tasks, then a copy.
+            seed = TaskStore(server_db)
+            with seed._write() as conn:
+                conn.execute("DELETE FROM genesy_tasks")
+                conn.execute("DELETE FROM genesy_idempotency")
+            ids = seed.create_many([{"subject": "seeded %d" % n} for n in range(_SEEDED)])
+            seed.set_completed_many(ids[:1], True)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(model_db + suffix)
+            with contextlib.closing(sqlite3.connect(model_db)) as copy:
+                seed._connection().backup(copy)
+            seed.close()
+            requests = [(method, _fill_ids(path, ids), _fill_ids(body, ids), headers)
+                        for method, path, body, headers in burst]
+
+            # All at once on one connection: handled in one turn, one group.
+            answers = _pipelined(server.port, *[
+                _request_bytes(method, path, body, headers)
+                for method, path, body, headers in requests],
+                _request_bytes("GET", "/health", headers={"Connection": "close"}))[:-1]
+            # One by one, each in a transaction of its own.
+            model_app = make_app(model_db, api_keys=KEY)
+            model = webtest.TestApp(model_app)
+            expected = []
+            for method, path, body, headers in requests:
+                response = model.request(
+                    path, method=method, headers={**HEADERS, **headers,
+                                                  "Content-Type": "application/json"},
+                    body=json.dumps(body).encode() if body is not None else b"",
+                    expect_errors=True)
+                expected.append((response.status_int,
+                                 response.json if response.body else None))
+            model_app.close()
+
+            assert [(status, _comparable(body, ids)) for status, _, body in answers] == \
+                [(status, _comparable(body, ids)) for status, body in expected]
+            states = []
+            for path in (server_db, model_db):
+                with TaskStore(path) as store:
+                    states.append(_comparable(store.list(order="oldest", limit=500), ids))
+            assert states[0] == states[1]
+
+        check()
+    server_app.close()
