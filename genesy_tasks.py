@@ -550,10 +550,11 @@ class TaskStore:
         several requests at once spends it once. A write that fails undoes
         only itself (one of several statements runs in a savepoint), unless
         its failure ends the whole transaction: then the group is lost, its
-        later writes are refused, and finish_commit_group() raises. Until the group finishes, its
-        writes are visible to this thread only and may still be lost, so
-        nothing that depends on them may be acknowledged. The returned
-        group's ``writing`` says whether anything depends on it yet.
+        later writes are refused, and finish_commit_group() raises. Until the
+        group finishes, its writes are visible to this thread only and may
+        still be lost, so nothing that depends on them may be acknowledged.
+        The returned group's ``writing`` says whether anything depends on it
+        yet.
         """
         if getattr(self._local, "group", None) is not None:
             raise RuntimeError("a commit group is already open on this thread")
@@ -2455,11 +2456,11 @@ class TaskServer:
         if group is None:
             return
         held, self._held, self._held_bytes = self._held, [], 0
-        failure = None
+        void = None  # the body that replaces answers that depended on a failed commit
         try:
             self._store.finish_commit_group()
         except sqlite3.Error as error:
-            failure = error
+            void = error_body("Service unavailable", _unavailable_message(error))
             self._log("- - storage unavailable: the commit of a group of writes failed: %s"
                       % error)
         for conn, data, depends, shape, logged in held:
@@ -2469,12 +2470,11 @@ class TaskServer:
                 conn.transport.close()
                 continue
             request, status, elapsed = logged
-            if failure is not None and depends:
+            if void is not None and depends:
                 keep_alive, http10, head_only = shape
                 status = "503"
-                body = error_body("Service unavailable", _unavailable_message(failure))
-                data = self._response_head("503 Service Unavailable", _RETRY_HEADERS, body,
-                                           keep_alive, http10) + (b"" if head_only else body)
+                data = self._response_head("503 Service Unavailable", _RETRY_HEADERS, void,
+                                           keep_alive, http10) + (b"" if head_only else void)
             conn.transport.write(data)
             self._log("%s %s %.2fms" % (request, status, elapsed))
 

@@ -944,13 +944,20 @@ def test_a_failed_write_in_a_commit_group_undoes_itself_only(db_path):
     store.close()
 
 
-def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_path):
-    # A create is one INSERT and takes no savepoint: SQLite undoes the failed
-    # statement. A CRM's trigger aborts this one after its row went in.
+def _store_with_a_crm_trigger(db_path, raise_, message):
+    """A store on a file where a CRM's trigger fails every insert of the subject
+    "refused", after its row went in, with ``RAISE(raise_, message)``."""
     store = TaskStore(db_path)
     store._connection().execute(
         "CREATE TRIGGER crm_refuses AFTER INSERT ON genesy_tasks "
-        "WHEN new.subject = 'refused' BEGIN SELECT RAISE(ABORT, 'the CRM refuses'); END")
+        "WHEN new.subject = 'refused' BEGIN SELECT RAISE(%s, '%s'); END" % (raise_, message))
+    return store
+
+
+def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_path):
+    # A create is one INSERT and takes no savepoint: SQLite undoes the failed
+    # statement, which the trigger's ABORT fails.
+    store = _store_with_a_crm_trigger(db_path, "ABORT", "the CRM refuses")
     store.start_commit_group()
     kept = store.create({"subject": "before"})
     with pytest.raises(sqlite3.IntegrityError, match="the CRM refuses"):
@@ -966,10 +973,7 @@ def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_pa
 def test_a_write_whose_failure_rolls_back_the_group_loses_the_whole_group(db_path):
     # RAISE(ROLLBACK) in a CRM's trigger ends the transaction, not just the
     # statement, with an IntegrityError: the group must not go on in a new one.
-    store = TaskStore(db_path)
-    store._connection().execute(
-        "CREATE TRIGGER crm_rolls_back AFTER INSERT ON genesy_tasks "
-        "WHEN new.subject = 'refused' BEGIN SELECT RAISE(ROLLBACK, 'the CRM rolls back'); END")
+    store = _store_with_a_crm_trigger(db_path, "ROLLBACK", "the CRM rolls back")
     for one_statement in (True, False):  # a create, then an idempotent create (savepoint)
         store.start_commit_group()
         store.create({"subject": "before"})
