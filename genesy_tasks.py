@@ -1835,11 +1835,347 @@ app = _LazyApp()
 
 
 ###############################################################################
+# HTTP/1.1 request parsing ####################################################
+###############################################################################
+
+# The request parser is the server's security boundary: a proxy in front of it
+# must never disagree with it about where a request ends. It follows RFC 9112
+# (message syntax) and RFC 9110 section 5 (fields), refuses with 400 and a close
+# wherever framing is in doubt, and looks at each byte once, however the
+# stream is cut. It refuses at the first byte that makes a request invalid, so
+# the answer never depends on how the bytes arrived.
+
+_MAX_REQUEST_LINE = 8 * 1024   # longer: 414
+_MAX_HEAD = 64 * 1024          # request line and fields together; longer: 431
+_MAX_HEADERS = 100             # more fields: 431
+_MAX_CHUNK_EXTENSIONS = 16 * 1024  # a body's chunk extensions, all together; more: 400
+_MAX_TRAILERS = 16 * 1024      # a chunked body's trailer section; larger: 431
+_MAX_CHUNK_SIZE_DIGITS = 16
+
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"  # RFC 9110 5.6.2
+# RFC 9112 3: method SP request-target SP HTTP-version, single spaces. The
+# target is visible ASCII; the version is checked apart, so HTTP/2.0 is a 505.
+_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])" % _TOKEN)
+# RFC 9112 5 and RFC 9110 5.5: a token, a colon with no space before it, and a
+# value of visible characters, spaces, tabs and obs-text. Other control
+# characters (NUL, CR and LF among them) are refused, never passed on. A line
+# that starts with whitespace (obs-fold) is refused too (RFC 9112 5.2).
+_FIELD_LINE = re.compile(r"(%s):([\t\x20-\x7e\x80-\xff]*)" % _TOKEN)
+_TRAILER_LINE = re.compile(_FIELD_LINE.pattern.encode("latin-1"))
+# RFC 9110 7.2 and RFC 3986 3.2.2: uri-host [ ":" port ].
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# RFC 9112 7.1: chunk-size [ chunk-ext ]. The whitespace RFC 9112 tolerates
+# before ";" is refused, as h11 does: a proxy may read such a line otherwise.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})(;[\t\x20-\x7e\x80-\xff]*)?"
+                         % _MAX_CHUNK_SIZE_DIGITS)
+
+
+def _bad_request(message):
+    return RequestError(400, "Bad request", message)
+
+
+def _too_large(message):
+    return RequestError(431, "Request header fields too large", message)
+
+
+def _list_items(value):
+    """The lower-cased items of a comma-separated field value (RFC 9110 5.6.1)."""
+    return [item.strip(" \t").lower() for item in value.split(",")]
+
+
+class _RequestReader:
+    """Reads HTTP/1.1 requests from one connection's bytes as they arrive.
+
+    ``feed(data)`` appends what was received; ``next_request()`` returns the next
+    whole request as ``(environ, keep_alive)``, its body in
+    ``environ["wsgi.input"]``, or None until it has fully arrived. It raises
+    RequestError for a request to refuse; the connection must then close,
+    since where the next request would start is no longer known.
+
+    State is kept between reads, so no byte is parsed twice. ``held`` is what
+    it holds: bytes received and not yet parsed, and the chunked body decoded
+    so far.
+    """
+
+    def __init__(self, base_environ, max_body, peer="-"):
+        self.buffer = bytearray()
+        self.base_environ = base_environ
+        self.max_body = max_body
+        self.peer = peer
+        self.expect_continue = False  # the client waits for 100 Continue to send its body
+        self._scanned = 0       # bytes at the buffer's start known to hold no LF
+        self._environ = None    # of the head being read, once its request line is in
+        self._head_size = 0
+        self._fields = self._hosts = self._lengths = 0
+        self._request = None    # (environ, keep_alive, length) once its head is whole
+        # A chunked body being decoded: the bytes so far, the data still to come
+        # in the current chunk (None: a chunk-size line is next; -1: the CRLF
+        # after a chunk's data), and the extension and trailer bytes seen.
+        self._body = None
+        self._chunk_left = None
+        self._extensions = 0
+        self._trailers = None
+
+    @property
+    def held(self):
+        return len(self.buffer) + (len(self._body) if self._body is not None else 0)
+
+    def feed(self, data):
+        self.buffer += data
+
+    def next_request(self):
+        if self._request is None and not self._read_head():
+            return None
+        environ, keep_alive, length = self._request
+        if length == "chunked":
+            body = self._read_chunked()
+            if body is None:
+                return None
+            environ["CONTENT_LENGTH"] = str(len(body))
+        elif len(self.buffer) >= length:
+            body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+        else:
+            return None
+        self._request = None
+        self.expect_continue = False
+        environ["wsgi.input"] = io.BytesIO(body)
+        return environ, keep_alive
+
+    def _find_lf(self, pos):
+        lf = self.buffer.find(b"\n", max(pos, self._scanned))
+        if lf < 0:
+            self._scanned = len(self.buffer)
+        return lf
+
+    def _consume(self, pos):
+        del self.buffer[:pos]
+        self._scanned = max(0, self._scanned - pos)
+
+    # -- the head (RFC 9112 2-5) -----------------------------------------------
+
+    def _read_head(self):
+        """Parse the lines of the head that have arrived; True once it is whole."""
+        buffer, pos = self.buffer, 0
+        if self._environ is None and not buffer.startswith(b"\r\n"):
+            # Most heads arrive whole: split them at once. The checks are the
+            # same, in the same order, as for a head read line by line below.
+            end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD)
+            if 0 < end and buffer.count(b"\n", 0, end) == buffer.count(b"\r\n", 0, end):
+                lines = buffer[:end].decode("latin-1").split("\r\n")
+                if len(lines[0]) <= _MAX_REQUEST_LINE:
+                    del buffer[:end + 4]
+                    self._scanned = 0
+                    self._request_line(lines[0])
+                    for line in itertools.islice(lines, 1, None):
+                        self._field(line)
+                    self._request = self._end_of_head()
+                    return True
+        try:
+            while True:
+                lf = self._find_lf(pos)
+                # Limits come first, and are checked on a line still arriving
+                # too, so that a refusal comes at the same byte however the
+                # stream was cut.
+                # The line's length with its CRLF, or the least it can be.
+                length = (lf if lf >= 0 else len(buffer)) + 1 - pos
+                if self._environ is None and length > _MAX_REQUEST_LINE + 2:
+                    raise RequestError(414, "URI too long", "the request line is longer "
+                                       "than %d bytes" % _MAX_REQUEST_LINE)
+                if self._head_size + length > _MAX_HEAD:
+                    raise _too_large("the request head is larger than %d bytes" % _MAX_HEAD)
+                if lf < 0:
+                    return False
+                self._head_size += length
+                if lf == pos or buffer[lf - 1] != 13:
+                    raise _bad_request("lines must end with CRLF")  # RFC 9112 2.2
+                line = buffer[pos:lf - 1].decode("latin-1")
+                pos = lf + 1
+                if self._environ is None:
+                    if line:  # RFC 9112 2.2: empty lines before it are ignored
+                        self._request_line(line)
+                elif line:
+                    self._field(line)
+                else:
+                    self._request = self._end_of_head()
+                    return True
+        finally:
+            self._consume(pos)
+
+    def _request_line(self, line):
+        request_line = _REQUEST_LINE.fullmatch(line)
+        if request_line is None:
+            raise _bad_request("malformed request line")
+        method, target, protocol = request_line.groups()
+        if protocol not in ("HTTP/1.1", "HTTP/1.0"):
+            raise RequestError(505, "HTTP version not supported",
+                               "only HTTP/1.0 and HTTP/1.1 are supported")
+        if not method.isalpha() or not method.isupper():
+            raise _bad_request("malformed request method")
+        path = target
+        if not target.startswith("/"):
+            # RFC 9112 3.2.2: the absolute form, as sent to proxies.
+            if not target.startswith(("http://", "https://")):
+                raise _bad_request("malformed request target")
+            path = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = path.partition("?")
+        environ = self.base_environ.copy()
+        environ["REQUEST_METHOD"] = method
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = target
+        environ["SERVER_PROTOCOL"] = protocol
+        environ["REMOTE_ADDR"] = self.peer
+        self._environ = environ
+        self._fields = self._hosts = self._lengths = 0
+
+    def _field(self, line):
+        field = _FIELD_LINE.fullmatch(line)
+        if field is None:
+            raise _bad_request("malformed request header")
+        self._fields += 1
+        if self._fields > _MAX_HEADERS:
+            raise _too_large("more than %d request headers" % _MAX_HEADERS)
+        name, value = field.groups()
+        if "_" in name:
+            # Dropped, as nginx and gunicorn do: WSGI spells "-" as "_", so
+            # Content_Length would otherwise stand for Content-Length.
+            return
+        value = value.strip(" \t")
+        key = name.upper().replace("-", "_")
+        environ = self._environ
+        if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
+            if key in environ and environ[key] != value:
+                raise _bad_request("conflicting %s headers" % name)
+            environ[key] = value
+            self._lengths += key == "CONTENT_LENGTH"
+            return
+        key = "HTTP_" + key
+        if key == "HTTP_HOST":
+            self._hosts += 1
+            if self._hosts > 1 or not _HOST.fullmatch(value):
+                raise _bad_request("a request must have one Host header, with a valid host")
+        if key in environ:
+            value = environ[key] + "," + value
+        environ[key] = value
+
+    def _end_of_head(self):
+        """(environ, keep_alive, length) of the head just read; length may be "chunked"."""
+        environ, self._environ, self._head_size = self._environ, None, 0
+        http10 = environ["SERVER_PROTOCOL"] == "HTTP/1.0"
+        if not self._hosts and not http10:
+            raise _bad_request("an HTTP/1.1 request must have a Host header")  # RFC 9112 3.2
+        connection = environ.get("HTTP_CONNECTION")
+        keep_alive = not http10
+        if connection:
+            connection = _list_items(connection)
+            keep_alive = ("keep-alive" in connection) if http10 else ("close" not in connection)
+        transfer_encoding = environ.pop("HTTP_TRANSFER_ENCODING", None)
+        if transfer_encoding is not None:
+            # RFC 9112 6.1 and 6.3: both framings at once is how requests are
+            # smuggled, and a body is chunked only if chunked is its last coding.
+            if self._lengths:
+                raise _bad_request("Content-Length and Transfer-Encoding together")
+            codings = _list_items(transfer_encoding)
+            if codings[-1] != "chunked" or codings.count("chunked") > 1 or "" in codings:
+                raise _bad_request("the final transfer coding must be chunked, applied once")
+            if len(codings) > 1:
+                raise RequestError(501, "Not implemented",
+                                   "only the chunked transfer coding is supported")
+            if http10:
+                keep_alive = False  # RFC 9112 6.1: framing from 1.1 in a 1.0 message
+            length = "chunked"
+            self._body, self._chunk_left, self._extensions, self._trailers = (
+                bytearray(), None, 0, None)
+        elif self._lengths:
+            length = self._content_length(environ["CONTENT_LENGTH"])
+        else:
+            length = 0
+        # RFC 9110 15.2: no 1xx answer may go to an HTTP/1.0 client.
+        self.expect_continue = (length != 0 and not http10
+                                and environ.get("HTTP_EXPECT", "").lower() == "100-continue")
+        return environ, keep_alive, length
+
+    def _content_length(self, text):
+        # RFC 9112 6.3: a length that is not all digits (empty, a list) is invalid.
+        if not text.isdigit() or not text.isascii():
+            raise _bad_request("Content-Length is not a number")
+        digits = text.lstrip("0")
+        if len(digits) > len(str(self.max_body)) or int(digits or "0") > self.max_body:
+            raise _body_too_large(self.max_body)
+        return int(digits or "0")
+
+    # -- a chunked body (RFC 9112 7.1) ------------------------------------------
+
+    def _read_chunked(self):
+        """Decode what has arrived of a chunked body: the body once it is whole,
+        else None. Decoded bytes leave the buffer as they go."""
+        buffer, body, pos = self.buffer, self._body, 0
+        try:
+            while True:
+                if self._chunk_left is not None and self._chunk_left > 0:
+                    data = buffer[pos:pos + self._chunk_left]
+                    if not data:
+                        return None
+                    body += data
+                    pos += len(data)
+                    self._chunk_left = self._chunk_left - len(data) or -1
+                    continue
+                if self._chunk_left == -1:  # the CRLF that ends a chunk's data
+                    ending = buffer[pos:pos + 2]
+                    if ending != b"\r\n"[:len(ending)]:
+                        raise _bad_request("chunk data longer than its chunk size")
+                    if len(ending) < 2:
+                        return None
+                    pos += 2
+                    self._chunk_left = None
+                    continue
+                lf = self._find_lf(pos)
+                length = (lf if lf >= 0 else len(buffer)) + 1 - pos  # as in _read_head
+                if self._trailers is None:  # a chunk-size line
+                    room = _MAX_CHUNK_SIZE_DIGITS + _MAX_CHUNK_EXTENSIONS - self._extensions
+                    if length > room + 2:
+                        raise _bad_request("chunk extensions longer than %d bytes"
+                                           % _MAX_CHUNK_EXTENSIONS)
+                elif self._trailers + length > _MAX_TRAILERS:
+                    raise _too_large("the trailer section is larger than %d bytes"
+                                     % _MAX_TRAILERS)
+                if lf < 0:
+                    return None
+                if lf == pos or buffer[lf - 1] != 13:
+                    raise _bad_request("lines must end with CRLF")
+                line = bytes(buffer[pos:lf - 1])
+                pos = lf + 1
+                if self._trailers is not None:
+                    self._trailers += length
+                    if not line:  # the end of the trailer section, and of the body
+                        self._body = self._trailers = None
+                        return bytes(body)
+                    if not _TRAILER_LINE.fullmatch(line):  # checked, then ignored
+                        raise _bad_request("malformed trailer field")
+                    continue
+                chunk = _CHUNK_LINE.fullmatch(line)
+                if chunk is None:
+                    raise _bad_request("malformed chunk size")
+                self._extensions += len(line) - len(chunk.group(1))
+                if self._extensions > _MAX_CHUNK_EXTENSIONS:
+                    raise _bad_request("chunk extensions longer than %d bytes"
+                                       % _MAX_CHUNK_EXTENSIONS)
+                size = int(chunk.group(1), 16)
+                if len(body) + size > self.max_body:
+                    raise _body_too_large(self.max_body)
+                if size:
+                    self._chunk_left = size
+                else:
+                    self._trailers = 0
+        finally:
+            self._consume(pos)
+
+
+###############################################################################
 # HTTP server #################################################################
 ###############################################################################
 
-_MAX_HEAD = 64 * 1024
-_MAX_HEADERS = 100
 _LINGER_SECONDS = 2.0
 # The most asyncio reads from a socket at once.
 _READ_SIZE = 256 * 1024
@@ -1853,35 +2189,25 @@ _GROUP_MAX_RESPONSES = 64
 _GROUP_MAX_BYTES = 1024 * 1024
 
 
-def _dechunk(buffer, start, limit):
-    """Decode a chunked body from ``buffer[start:]``: (body, end), or None if incomplete."""
-    body = bytearray()
-    pos = start
-    while True:
-        line_end = buffer.find(b"\r\n", pos)
-        if line_end < 0:
-            if len(buffer) - pos > 1024:
-                raise RequestError(400, "Bad request", "malformed chunked body")
+def _answer_or_close(callback):
+    """Guard an asyncio protocol callback: an exception escaping it would make
+    asyncio drop the connection with nothing sent, answers held for its earlier
+    requests included. None should; if one does, it is logged and answered."""
+    @functools.wraps(callback)
+    def guarded(self, *args):
+        try:
+            return callback(self, *args)
+        except Exception:
+            self.server._log_stream.write(traceback.format_exc())
+            if self.linger_until is None and not self.transport.is_closing():
+                try:
+                    self.finish_with_error(500, "Internal server error",
+                                           "the server failed to read the request; "
+                                           "the error was logged")
+                except Exception:
+                    self.transport.abort()
             return None
-        size_text = bytes(buffer[pos:line_end]).partition(b";")[0].strip()
-        if not size_text or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
-            raise RequestError(400, "Bad request", "malformed chunk size")
-        size = int(size_text, 16)
-        pos = line_end + 2
-        if size == 0:
-            # Trailers (ignored) end with an empty line.
-            trailer_end = buffer.find(b"\r\n\r\n", pos - 2)
-            if trailer_end < 0:
-                return None
-            return bytes(body), trailer_end + 4
-        if len(body) + size > limit:
-            raise _body_too_large(limit)
-        if len(buffer) < pos + size + 2:
-            return None
-        body += buffer[pos:pos + size]
-        if buffer[pos + size:pos + size + 2] != b"\r\n":
-            raise RequestError(400, "Bad request", "malformed chunked body")
-        pos += size + 2
+    return guarded
 
 
 class _Connection(asyncio.Protocol):
@@ -1894,52 +2220,58 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server):
         self.server = server
         self.transport = None
-        self.buffer = bytearray()
-        self.head = None            # the parsed head of the request being received
+        self.reader = None          # the _RequestReader of this connection's bytes
         self.request_started = None  # monotonic time its first byte arrived
         self.idle_since = time.monotonic()
         self.answered = 0           # responses sent; 0 means a new connection
         self.closing = False        # answering nothing more on this connection
         self.linger_until = None    # draining input after a final response
         self.write_paused = False
-        self.held = 0               # len(buffer) as counted in the server's budget
+        self.held = 0               # reader.held as counted in the server's budget
         self.starved = False        # reading paused until the budget has room
         self.peer = "-"
+        self.tls = False
 
     def connection_made(self, transport):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = peer[0]
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        self.reader = _RequestReader(self.server._base_environ, self.server.max_body,
+                                     self.peer)
         self.number = next(self.server._arrivals)
         self.server._connections.add(self)
         self.server._budget(self)  # not read at all while the budget is spent
 
     def connection_lost(self, exc):
-        self.buffer = bytearray()
+        self.reader = _RequestReader({}, 0)  # what it held is let go
         self.server._connection_closed(self)
 
+    @_answer_or_close
     def data_received(self, data):
         if self.linger_until is not None:
             return  # a final response was sent: input is drained and dropped
         if self.request_started is None:
             self.request_started = time.monotonic()
-        self.buffer += data
+        self.reader.feed(data)
         self._process()
         self.server._budget(self)
 
+    @_answer_or_close
     def eof_received(self):
         # The client half-closed: answer what has fully arrived, then close.
         self.closing = True
         self._process()
         self.server._close_when_answered(self)
-        return True
+        return not self.tls  # a TLS transport cannot stay half-open
 
     def pause_writing(self):
         # The client is not reading its responses: stop reading its requests.
         self.write_paused = True
         self.transport.pause_reading()
 
+    @_answer_or_close
     def resume_writing(self):
         self.write_paused = False
         if not self.starved:
@@ -1948,63 +2280,30 @@ class _Connection(asyncio.Protocol):
         self.server._budget(self)
 
     def _process(self):
-        server = self.server
+        server, reader = self.server, self.reader
         while not self.write_paused and self.linger_until is None:
             try:
-                request = self._next_request()
+                request = reader.next_request()
             except RequestError as error:
                 self.finish_with_error(error.status, error.title, error.message)
                 return
             if request is None:
+                if reader.expect_continue:
+                    # curl and others wait for it before sending a large body.
+                    server._end_group()  # answers held for earlier requests go first
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    reader.expect_continue = False
                 return
             server._handle(self, *request)
             self.answered += 1
             if self.closing:
                 server._close_when_answered(self)
                 return
-            if self.buffer:
+            if reader.held:
                 self.request_started = time.monotonic()
             else:
                 self.request_started = None
                 self.idle_since = time.monotonic()
-
-    def _next_request(self):
-        """(environ, keep_alive) for the next complete request, or None if incomplete."""
-        buffer = self.buffer
-        if self.head is None:
-            end = buffer.find(b"\r\n\r\n")
-            if (end if end >= 0 else len(buffer)) > _MAX_HEAD:
-                raise RequestError(431, "Request header fields too large",
-                                   "the request head is larger than %d bytes" % _MAX_HEAD)
-            if end < 0:
-                return None
-            self.head = self.server._parse_head(bytes(buffer[:end]), self.peer)
-            del buffer[:end + 4]
-        environ, keep_alive, length, expect_continue = self.head
-        if length == "chunked":
-            decoded = _dechunk(buffer, 0, self.server.max_body)
-            if decoded is None:
-                self._maybe_continue()
-                return None
-            body, end = decoded
-            environ["CONTENT_LENGTH"] = str(len(body))
-        else:
-            if len(buffer) < length:
-                self._maybe_continue()
-                return None
-            body, end = bytes(buffer[:length]), length
-        del buffer[:end]
-        self.head = None
-        environ["wsgi.input"] = io.BytesIO(body)
-        return environ, keep_alive
-
-    def _maybe_continue(self):
-        # curl and others wait for "100 Continue" before sending a large body.
-        environ, keep_alive, length, expect_continue = self.head
-        if expect_continue:
-            self.server._end_group()  # answers held for earlier requests go first
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.head = (environ, keep_alive, length, False)
 
     def finish_with_error(self, status, title, message):
         """Send a final error response, then drain input briefly so the client can read it."""
@@ -2015,14 +2314,19 @@ class _Connection(asyncio.Protocol):
             "%d %s" % (status, title), _ERROR_HEADERS, body, keep_alive=False) + body)
         server._log("%s - %d (%s)" % (self.peer, status, message))
         self.closing = True
-        self.head = None
-        self.buffer = bytearray()
+        self.reader = _RequestReader({}, 0)  # nothing more is parsed
         server._budget(self)
         self.linger_until = time.monotonic() + _LINGER_SECONDS
+        if self.starved:  # draining holds nothing: read on
+            self.starved = False
+            if not self.write_paused:
+                self.transport.resume_reading()
+        # A client still sending its body would see a reset, not the answer, if
+        # the connection closed now: it stays open, its input read and dropped,
+        # until the client closes it or the linger ends (see _sweep). TLS has no
+        # half-close, so there the client learns the end from Content-Length.
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        else:
-            self.transport.close()
 
 
 class TaskServer:
@@ -2184,11 +2488,11 @@ class TaskServer:
         and by one read (_READ_SIZE) from each connection whose data arrived
         in the same turn of the event loop.
         """
-        self._buffered += len(conn.buffer) - conn.held
-        conn.held = len(conn.buffer)
+        self._buffered += conn.reader.held - conn.held
+        conn.held = conn.reader.held
         if self._buffered >= self.max_buffered:
-            reading = [other for other in self._connections
-                       if not other.starved and not other.transport.is_closing()]
+            reading = [other for other in self._connections if not other.starved
+                       and other.linger_until is None and not other.transport.is_closing()]
             if len(reading) > 1:
                 runner = max(reading, key=lambda other: other.held)
                 for other in sorted(reading, key=lambda other: other.number):
@@ -2318,73 +2622,6 @@ class TaskServer:
         self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     # -- requests ---------------------------------------------------------------
-
-    def _parse_head(self, head, peer):
-        """The environ, keep-alive flag, body length and 100-continue flag of a request head."""
-        try:
-            text = head.decode("latin-1")
-            lines = text.split("\r\n")
-            method, target, protocol = lines[0].split(" ")
-        except ValueError:
-            raise RequestError(400, "Bad request", "malformed request line") from None
-        if protocol not in ("HTTP/1.1", "HTTP/1.0"):
-            raise RequestError(505, "HTTP version not supported",
-                              "only HTTP/1.0 and HTTP/1.1 are supported")
-        if not method.isalpha() or not method.isupper():
-            raise RequestError(400, "Bad request", "malformed request method")
-        if not target.startswith("/"):
-            if target.startswith(("http://", "https://")):
-                target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-            else:
-                raise RequestError(400, "Bad request", "malformed request target")
-        path, _, query = target.partition("?")
-        environ = self._base_environ.copy()
-        environ["REQUEST_METHOD"] = method
-        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
-        environ["QUERY_STRING"] = query
-        environ["SERVER_PROTOCOL"] = protocol
-        environ["REMOTE_ADDR"] = peer
-        if len(lines) > _MAX_HEADERS + 1:
-            raise RequestError(431, "Request header fields too large",
-                              "more than %d request headers" % _MAX_HEADERS)
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip() or " " in name:
-                raise RequestError(400, "Bad request", "malformed request header")
-            key = name.upper().replace("-", "_")
-            value = value.strip(" \t")
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                if key in environ and environ[key] != value:
-                    raise RequestError(400, "Bad request", "conflicting %s headers" % name)
-                environ[key] = value
-                continue
-            key = "HTTP_" + key
-            if key in environ:
-                value = environ[key] + "," + value
-            environ[key] = value
-        connection = environ.get("HTTP_CONNECTION", "").lower()
-        if protocol == "HTTP/1.1":
-            keep_alive = "close" not in connection
-        else:
-            keep_alive = "keep-alive" in connection
-        transfer_encoding = environ.pop("HTTP_TRANSFER_ENCODING", None)
-        if transfer_encoding is not None:
-            if "CONTENT_LENGTH" in environ:
-                raise RequestError(400, "Bad request",
-                                  "Content-Length and Transfer-Encoding together")
-            if transfer_encoding.strip().lower() != "chunked":
-                raise RequestError(501, "Not implemented",
-                                  "only the chunked transfer coding is supported")
-            length = "chunked"
-        else:
-            length_text = environ.get("CONTENT_LENGTH", "0") or "0"
-            if not length_text.isdigit() or not length_text.isascii():
-                raise RequestError(400, "Bad request", "Content-Length is not a number")
-            length = int(length_text)
-            if length > self.max_body:
-                raise _body_too_large(self.max_body)
-        expect_continue = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
-        return environ, keep_alive, length, expect_continue
 
     def _handle(self, conn, environ, keep_alive):
         """Run the application on one complete request and send its response."""
