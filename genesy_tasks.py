@@ -2089,6 +2089,7 @@ class _RequestReader:
                 bytearray(), None, 0, None)
         elif self._lengths:
             length = self._content_length(environ["CONTENT_LENGTH"])
+            environ["CONTENT_LENGTH"] = str(length)  # leading zeros would trouble apps
         else:
             length = 0
         # RFC 9110 15.2: no 1xx answer may go to an HTTP/1.0 client.

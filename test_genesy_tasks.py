@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -2662,6 +2663,530 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
             failures.append("%s (%s data): %s" % (operation.label, mode.value, failure))
     assert failures == [], "\n\n".join(failures)
     application.close()
+
+
+# -- hardening: strict HTTP/1.1 -----------------------------------------------------------------------
+# What RFC 9112 and RFC 9110 section 5 require a server to refuse, each item of
+# the strict-HTTP issue pinned over a real socket; then the request reader fed
+# through a connection, against h11 as an oracle and in every split.
+
+def _answers(reply):
+    """The responses in ``reply``, as (status, headers, body), interim 100s left out."""
+    answers = []
+    while reply:
+        head, separator, rest = reply.partition(b"\r\n\r\n")
+        assert separator, reply
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        headers.pop("Date", None)
+        status = int(lines[0].split()[1])
+        length = int(headers.get("Content-Length", 0))
+        body, reply = rest[:length], rest[length:]
+        if status != 100:
+            answers.append((status, headers, body))
+    return answers
+
+
+def _ask(server, data, read_timeout=5):
+    """Send ``data`` on one connection: its answers, and whether the server then closed it."""
+    with socket.create_connection((server.host, server.port), timeout=read_timeout) as sock:
+        sock.sendall(data)
+        chunks, closed = [], False
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    return _answers(b"".join(chunks)), closed
+
+
+def _health(extra=b"", version=b"HTTP/1.1"):
+    return b"GET /health " + version + b"\r\nHost: x\r\nX-API-Key: " + KEY.encode() + \
+        b"\r\n" + extra + b"\r\n"
+
+
+def _create(subject, extra=b""):
+    body = json.dumps({"subject": subject}).encode()
+    return (b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            + extra + b"\r\n" + body)
+
+
+def _chunked(body, extra=b"", version=b"HTTP/1.1", coding=b"chunked", size=None):
+    size = size or len(body) or 1
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                      for i in range(0, len(body), size))
+    return (b"POST /tasks " + version + b"\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: " + coding + b"\r\n" + extra
+            + b"\r\n" + chunks + b"0\r\n\r\n")
+
+
+def _refused(answers, closed, status=400):
+    assert answers and answers[-1][0] == status, answers
+    assert answers[-1][1]["Connection"] == "close" and closed
+    assert set(json.loads(answers[-1][2])) == {"error", "message"}
+
+
+def test_field_names_with_an_underscore_are_dropped_and_alias_nothing(server):
+    store = TaskStore(server.db)
+    # Content_Length is not Content-Length: what follows is the next request.
+    answers, _ = _ask(server, _health(b"Content_Length: %d\r\n" % len(_create("second")))
+                      + _create("second") + _health(b"Connection: close\r\n"))
+    assert [status for status, _, _ in answers] == [200, 201, 200]
+    # Transfer_Encoding is not Transfer-Encoding: the "chunked body" is no body,
+    # so a request hidden in it is never run.
+    smuggled = _create("smuggled")
+    answers, closed = _ask(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                           + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                           b"Transfer_Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+    assert [status for status, _, _ in answers] == [400, 400] and closed
+    assert "smuggled" not in _subjects(store)
+    # Nor is X_API_Key the key header.
+    answers, _ = _ask(server, b"GET /health HTTP/1.1\r\nHost: x\r\nX_API_Key: " + KEY.encode()
+                      + b"\r\nConnection: close\r\n\r\n")
+    assert answers[0][0] == 401
+    store.close()
+
+
+@pytest.mark.parametrize("byte", [b"\x0b", b"\x0c", b"\x1c", b"\x1f", b"\x85", b"\xa0", b"\x00"])
+def test_a_framing_value_padded_with_anything_but_space_or_tab_is_refused(server, byte):
+    # str.strip() would take "chunked\x0b" for chunked; RFC 9110 5.6.3 trims SP and HTAB only.
+    answers, closed = _ask(server, _chunked(b'{"subject":"padded"}', coding=b"chunked" + byte)
+                           + _health())
+    _refused(answers, closed)
+    assert len(answers) == 1
+
+
+@pytest.mark.parametrize("digits, status", [(b"9" * 5000, 413), (b"0" * 4990 + b"15", 201)])
+def test_a_content_length_of_thousands_of_digits_is_answered(server, digits, status):
+    body = b'{"subject":"x"}'
+    assert len(body) == 15
+    answers, _ = _ask(server, _health() + b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                      + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                      b"Connection: close\r\nContent-Length: " + digits + b"\r\n\r\n" + body)
+    # The answer held for the earlier request is not lost either.
+    assert [answer[0] for answer in answers] == [200, status]
+    assert "Fatal error" not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_body_of_one_byte_chunks_slows_nobody_else(server):
+    # Each piece of a long upload sent in 1-byte chunks is followed by a round
+    # trip of /health on another connection, which the server reads after the
+    # piece. Decoding is linear, so the last round trips cost what the first did.
+    body = json.dumps({"subject": "x" * 150_000}).encode()
+    wire = _chunked(body, size=1)
+    pieces = [wire[start:start + 6000] for start in range(0, len(wire), 6000)]
+    conn, round_trips = server.connect(timeout=30), []
+    with socket.create_connection((server.host, server.port), timeout=30) as uploader:
+        for piece in pieces:
+            uploader.sendall(piece)
+            started = time.perf_counter()
+            assert server.request("GET", "/health", conn=conn)[0] == 200
+            round_trips.append(time.perf_counter() - started)
+        assert _read_all_until(uploader, b'"subject"').startswith(b"HTTP/1.1 201 ")
+    quarter = len(round_trips) // 4
+    early, late = round_trips[:quarter], round_trips[-quarter:]
+    assert statistics.median(late) < 4 * statistics.median(early), (early, late)
+
+
+def _read_all_until(sock, marker):
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("body_part, status", [
+    (b"1;" + b"e" * 20_000, 400),                       # chunk extensions
+    (b"1\r\nx\r\n0\r\n" + b"Trailer-Field: value\r\n" * 1000, 431),  # trailer section
+])
+def test_chunk_extensions_and_trailers_are_bounded(server, body_part, status):
+    head = (b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # Refused as soon as the limit is passed, not held while more arrives.
+    answers, closed = _ask(server, head + body_part, read_timeout=3)
+    _refused(answers, closed, status)
+
+
+def test_bytes_held_for_a_chunked_body_count_against_the_budget():
+    reader = genesy_tasks._RequestReader({}, max_body=1000)
+    reader.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"64\r\n" + b"a" * 100 + b"\r\n64\r\n" + b"b" * 50)
+    assert reader.next_request() is None
+    assert reader.held == 150  # decoded so far, and not yet decoded
+    reader.feed(b"b" * 50 + b"\r\n" + b"%x\r\n" % 801)
+    with pytest.raises(genesy_tasks.RequestError) as refused:
+        reader.next_request()  # the chunk would take the body past max_body
+    assert refused.value.status == 413
+
+
+@pytest.mark.parametrize("head", [
+    b"Content-Length:\r\n",                          # empty (RFC 9112 6.3)
+    b"Content-Length: 5, 5\r\n",
+    b"Content-Length: +5\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+])
+def test_a_doubtful_content_length_is_a_400_and_a_close(server, head):
+    store = TaskStore(server.db)
+    request = (b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+               + b"\r\nContent-Type: application/json\r\n" + head + b"\r\n")
+    answers, closed = _ask(server, request + _create("pipelined"))
+    _refused(answers, closed)
+    assert len(answers) == 1 and "pipelined" not in _subjects(store)
+    store.close()
+
+
+def test_transfer_encoding_on_http_1_0_is_answered_then_the_connection_closes(server):
+    answers, closed = _ask(server, _chunked(b'{"subject":"from 1.0"}', version=b"HTTP/1.0",
+                                            extra=b"Connection: keep-alive\r\n") + _health())
+    assert [answer[0] for answer in answers] == [201]
+    assert answers[0][1]["Connection"] == "close" and closed
+
+
+@pytest.mark.parametrize("host", [None, b"Host: x\r\nHost: y\r\n", b"Host: a b\r\n",
+                                  b"Host: x/y\r\n", b"Host: x\r\nhost: x\r\n"])
+def test_an_http_1_1_request_needs_exactly_one_valid_host(server, host):
+    request = b"GET /health HTTP/1.1\r\nX-API-Key: " + KEY.encode() + b"\r\n" + (host or b"")
+    answers, closed = _ask(server, request + b"\r\n")
+    _refused(answers, closed)
+
+
+def test_http_1_0_needs_no_host_and_hosts_may_have_ports_and_brackets(server):
+    answers, _ = _ask(server, b"GET /health HTTP/1.0\r\nX-API-Key: " + KEY.encode()
+                      + b"\r\n\r\n")
+    assert answers[0][0] == 200
+    for host in (b"127.0.0.1:8080", b"[::1]:8080", b"crm.example.com", b""):
+        request = b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n"
+        answers, _ = _ask(server, request + b"X-API-Key: " + KEY.encode() + b"\r\n\r\n")
+        assert answers[0][0] == 200, host
+
+
+@pytest.mark.parametrize("field", [
+    b"Content-Type: application/json\x00", b"Content-Type: application/json\x01",
+    b"Content-Type: application/\rjson", b"X-Note: a\x00b", b"X-Note: a\rb", b"X-Note: a\x7fb",
+    b"X(Note): a", b"X Note: a", b"X-Note : a", b": a", b"X-Note", b" X-Folded: a",
+])
+def test_control_bytes_in_values_and_names_that_are_not_tokens_are_refused(server, field):
+    content_type = b"" if field.startswith(b"Content-Type") else b"Content-Type: text/x\r\n"
+    request = (b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+               + content_type + field + b"\r\nContent-Length: 15\r\n\r\n{\"subject\":\"x\"}")
+    # Refused as malformed (400), never passed on to be refused as a media type (415).
+    answers, closed = _ask(server, request)
+    _refused(answers, closed)
+
+
+def test_http_1_0_gets_no_100_continue_and_http_1_1_does(server):
+    for version, interim in ((b"HTTP/1.0", False), (b"HTTP/1.1", True)):
+        with socket.create_connection((server.host, server.port), timeout=5) as sock:
+            sock.sendall(b"POST /tasks " + version + b"\r\nHost: x\r\nX-API-Key: "
+                         + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: 15\r\n\r\n")
+            if interim:
+                assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            else:  # the answer must not start before the body is sent
+                sock.settimeout(0.3)
+                with pytest.raises(socket.timeout):
+                    sock.recv(100)
+                sock.settimeout(5)
+            sock.sendall(b'{"subject":"x"}')
+            head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 201 "), head
+
+
+@pytest.mark.parametrize("coding, status", [
+    (b"chunked, identity", 400), (b"identity", 400), (b"xchunked", 400), (b"chunked, chunked", 400),
+    (b"", 400), (b"chunked,", 400), (b"gzip, chunked", 501),
+])
+def test_a_transfer_coding_that_does_not_end_in_one_chunked_is_refused(server, coding, status):
+    answers, closed = _ask(server, _chunked(b'{"subject":"x"}', coding=coding) + _health())
+    _refused(answers, closed, status)
+    assert len(answers) == 1
+
+
+def test_the_chunked_coding_is_case_insensitive_and_may_repeat_its_header_never_its_use(server):
+    answers, _ = _ask(server, _chunked(b'{"subject":"case"}', coding=b"Chunked",
+                                       extra=b"Connection: close\r\n"))
+    assert answers[0][0] == 201
+    answers, closed = _ask(server, _chunked(b'{"subject":"twice"}',
+                                            extra=b"Transfer-Encoding: chunked\r\n"))
+    _refused(answers, closed)
+
+
+def test_a_request_line_too_long_is_a_414_and_a_head_too_large_a_431(server):
+    answers, closed = _ask(server, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    _refused(answers, closed, 414)
+    # Refused before the line ends: a client cannot make the server wait for it.
+    answers, closed = _ask(server, b"GET /" + b"a" * 9000)
+    _refused(answers, closed, 414)
+    answers, closed = _ask(server, b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: aaaa\r\n" * 6000)
+    _refused(answers, closed, 431)
+
+
+def test_bare_lf_is_refused_at_once_and_leading_empty_lines_are_ignored(server):
+    started = time.monotonic()
+    answers, closed = _ask(server, b"GET /health HTTP/1.1\nHost: x\n", read_timeout=3)
+    _refused(answers, closed)
+    assert time.monotonic() - started < 3  # not after the 10 s request timeout
+    answers, _ = _ask(server, b"\r\n\r\n" + _health(b"Connection: close\r\n"))
+    assert [answer[0] for answer in answers] == [200]
+
+
+def test_over_tls_an_early_413_is_read_by_a_client_still_uploading(tmp_path, certificate):
+    import ssl
+    cert, key, client = certificate
+    running = Server(tmp_path, "--tls-cert", cert, "--tls-key", key, "--max-body", "1000")
+    try:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
+                with client.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                                 + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 5000000\r\n\r\n")
+                    # As requests does: the whole body first, then the answer.
+                    sock.sendall(b" " * 5_000_000)
+                    answers = _answers(_read_all_until(sock, b"}"))
+            assert answers[0][0] == 413 and answers[0][1]["Connection"] == "close"
+        assert isinstance(ssl.SSLError, type)
+    finally:
+        assert running.stop() == 0
+    assert "Fatal error" not in running.log()
+
+
+# The reader through a real connection: a fake transport collects what the
+# server writes, and an app echoes each request it is given.
+
+class _FakeTransport:
+    def __init__(self):
+        self.written, self.closed = bytearray(), False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data):
+        assert not self.closed
+        self.written += data
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self):
+        return self.closed
+
+    def pause_reading(self):
+        pass
+
+    resume_reading = pause_reading
+
+    def get_write_buffer_size(self):
+        return 0
+
+
+def _echo_app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    fields = {key: value for key, value in environ.items()
+              if key.startswith("HTTP_") or key in ("CONTENT_LENGTH", "CONTENT_TYPE")}
+    answer = json.dumps({"method": environ["REQUEST_METHOD"], "target": environ["RAW_URI"],
+                         "fields": fields, "body": body.decode("latin-1")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [answer]
+
+
+def _through_a_connection(pieces):
+    """The answers of the server's connection to ``pieces``, and its log."""
+    log = io.StringIO()
+    server = genesy_tasks.TaskServer(_echo_app, "127.0.0.1", 0, max_body=4096, log=log)
+    try:
+        transport = _FakeTransport()
+        conn = genesy_tasks._Connection(server)
+        conn.connection_made(transport)
+        for piece in pieces:
+            if transport.closed or conn.linger_until is not None:
+                break
+            conn.data_received(piece)
+        return _answers(bytes(transport.written)), server._log_lines + [log.getvalue()]
+    finally:
+        server._socket.close()
+        server._loop.close()
+
+
+def _h11_requests(stream):
+    """What h11 reads from ``stream``: the requests, and None if it refused one."""
+    import h11
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(stream)
+    requests, current = [], None
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                current = {"method": event.method.decode(), "body": b"",
+                           "target": event.target.decode("latin-1"),
+                           "fields": [(n.decode(), v.decode("latin-1")) for n, v in event.headers]}
+            elif isinstance(event, h11.Data):
+                current["body"] += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                requests.append(current)
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                conn.send(h11.EndOfMessage())
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return requests, "closed"
+                conn.start_next_cycle()
+            else:
+                return requests, "incomplete"
+    except h11.RemoteProtocolError as error:
+        return requests, str(error)
+
+
+def _as_environ(fields):
+    """h11's fields as this server puts them in a WSGI environ."""
+    environ = {}
+    for name, value in fields:
+        if "_" in name or name == "transfer-encoding":
+            continue
+        key = name.upper().replace("-", "_")
+        if key == "CONTENT_LENGTH":
+            value = value.lstrip("0") or "0"  # passed on without leading zeros
+        if key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+            environ[key] = value  # duplicates are accepted only when identical
+            continue
+        key = "HTTP_" + key
+        environ[key] = environ[key] + "," + value if key in environ else value
+    return environ
+
+
+# Bounded for CI like the fuzzing above (FUZZ_EXAMPLES runs both longer).
+HTTP_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 300)))
+_FIELD_CHOICES = [
+    b"Host: x", b"Host: 127.0.0.1:8080", b"Content-Type: application/json",
+    b"X-API-Key: " + KEY.encode(), b"X_API_Key: " + KEY.encode(), b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue",
+    b"Accept: */*", b"X-Empty:", b"X-Tab:\tv\t", b"X-Obs: caf\xe9"]
+_FRAMINGS = ["none", "length", "length+1", "length-1", "chunked", "both", "underscore-length",
+             "underscore-chunked", "empty-length", "twice-length", "gzip-chunked",
+             "chunked-identity", "Chunked", "chunked-ext", "chunked-trailer"]
+_MUTATIONS = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\t", b"\x0b", b"_", b",", b":", b"0",
+              b"\xa0", b"\x7f", b"a"]
+
+
+@st.composite
+def _request_streams(draw):
+    stream = b""
+    for _ in range(draw(st.integers(1, 3))):
+        method = draw(st.sampled_from([b"GET", b"POST", b"PATCH"]))
+        target = draw(st.sampled_from([b"/health", b"/tasks/x?y=1", b"/%41b", b"http://h/p"]))
+        version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+        fields = draw(st.lists(st.sampled_from(_FIELD_CHOICES), max_size=4))
+        body = draw(st.binary(max_size=24))
+        framing = draw(st.sampled_from(_FRAMINGS))
+        size = draw(st.integers(1, 8))
+        chunks = b"".join(b"%x%s\r\n%s\r\n" % (len(body[i:i + size]),
+                                                b";n=v" if framing == "chunked-ext" else b"",
+                                                body[i:i + size])
+                          for i in range(0, len(body), size))
+        chunks += b"0\r\n" + (b"T: v\r\n" if framing == "chunked-trailer" else b"") + b"\r\n"
+        framing_fields, payload = {
+            "none": ([], b""),
+            "length": ([b"Content-Length: %d" % len(body)], body),
+            "length+1": ([b"Content-Length: %d" % (len(body) + 1)], body),
+            "length-1": ([b"Content-Length: %d" % max(0, len(body) - 1)], body),
+            "chunked": ([b"Transfer-Encoding: chunked"], chunks),
+            "chunked-ext": ([b"Transfer-Encoding: chunked"], chunks),
+            "chunked-trailer": ([b"Transfer-Encoding: chunked"], chunks),
+            "Chunked": ([b"Transfer-Encoding: Chunked"], chunks),
+            "both": ([b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked"], chunks),
+            "underscore-length": ([b"Content_Length: %d" % len(body)], body),
+            "underscore-chunked": ([b"Transfer_Encoding: chunked"], chunks),
+            "empty-length": ([b"Content-Length:"], body),
+            "twice-length": ([b"Content-Length: %d" % len(body)] * 2, body),
+            "gzip-chunked": ([b"Transfer-Encoding: gzip, chunked"], chunks),
+            "chunked-identity": ([b"Transfer-Encoding: chunked, identity"], chunks),
+        }[framing]
+        lines = [method + b" " + target + b" " + version] + fields + framing_fields
+        order = draw(st.permutations(range(1, len(lines))))
+        lines = lines[:1] + [lines[i] for i in order]
+        stream += b"\r\n".join(lines) + b"\r\n\r\n" + payload
+    for _ in range(draw(st.integers(0, 3))):  # mutations: insert, drop or double a byte
+        at = draw(st.integers(0, len(stream) - 1))
+        operation = draw(st.sampled_from(["insert", "drop", "double"]))
+        if operation == "insert":
+            stream = stream[:at] + draw(st.sampled_from(_MUTATIONS)) + stream[at:]
+        elif operation == "drop":
+            stream = stream[:at] + stream[at + 1:]
+        else:
+            stream = stream[:at] + stream[at:at + 1] + stream[at:]
+    return stream
+
+
+@HTTP_FUZZ
+@given(stream=_request_streams())
+def test_every_request_the_server_accepts_h11_reads_the_same(stream):
+    answers, log = _through_a_connection([stream])
+    assert "Traceback" not in "".join(log)
+    accepted = [json.loads(body) for status, _, body in answers if status == 200]
+    assert all(status != 200 for status, _, _ in answers[len(accepted):])  # refusals end it
+    assert all(400 <= status < 500 or status == 501 or status == 505
+               for status, _, _ in answers[len(accepted):])
+    oracle, ending = _h11_requests(stream)
+    for index, request in enumerate(accepted):
+        if index == len(oracle):
+            # h11 ended first: where it must close the connection (HTTP/1.0),
+            # or before empty lines that RFC 9112 2.2 lets a server ignore.
+            assert ending in ("closed", "no request line received"), (ending, stream)
+            break
+        expected = oracle[index]
+        assert request["method"] == expected["method"]
+        assert request["target"] == expected["target"]
+        assert request["body"] == expected["body"].decode("latin-1")
+        fields = request["fields"]
+        if any(name == "transfer-encoding" for name, _ in expected["fields"]):
+            fields.pop("CONTENT_LENGTH")  # the decoded length, set for WSGI apps
+        assert fields == _as_environ(expected["fields"]), stream
+
+
+def test_hostile_byte_streams_get_json_answers_never_a_5xx_or_a_crash(server):
+    @HTTP_FUZZ
+    @given(stream=_request_streams())
+    def hostile(stream):
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(stream)
+            sock.shutdown(socket.SHUT_WR)  # the server answers what has arrived, then closes
+            answers = _answers(_read_all(sock))
+        for status, headers, body in answers:
+            assert status < 500 or status in (501, 505), (stream, status, body)
+            if status >= 400:
+                assert set(json.loads(body)) == {"error", "message"}
+
+    hostile()
+    assert server.request("GET", "/health")[0] == 200
+    assert "Fatal error" not in server.log() and "Traceback" not in server.log()
+
+
+@HTTP_FUZZ
+@given(stream=_request_streams(), cuts=st.lists(st.integers(1, 400), max_size=6))
+def test_the_answers_do_not_depend_on_how_the_bytes_arrive(stream, cuts):
+    whole, _ = _through_a_connection([stream])
+    bounds = sorted({0, len(stream), *(cut for cut in cuts if cut < len(stream))})
+    pieces = [stream[start:end] for start, end in zip(bounds, bounds[1:])]
+    assert _through_a_connection(pieces)[0] == whole
+    assert _through_a_connection([stream[i:i + 1] for i in range(len(stream))])[0] == whole
 
 
 # -- group commits are invisible: a burst on the server equals the same requests one by one --
