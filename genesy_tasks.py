@@ -1874,6 +1874,12 @@ def _bad_request(message):
     return RequestError(400, "Bad request", message)
 
 
+def _malformed(line, message):
+    # A head split at CRLF may hold a bare LF inside a line: refused as it is
+    # when the head is read line by line (see _RequestReader._read_head).
+    return _bad_request("lines must end with CRLF" if "\n" in line else message)
+
+
 def _too_large(message):
     return RequestError(431, "Request header fields too large", message)
 
@@ -1906,7 +1912,7 @@ class _RequestReader:
         self._scanned = 0       # bytes at the buffer's start known to hold no LF
         self._environ = None    # of the head being read, once its request line is in
         self._head_size = 0
-        self._fields = self._hosts = self._lengths = 0
+        self._fields = 0
         self._request = None    # (environ, keep_alive, length) once its head is whole
         # A chunked body being decoded: the bytes so far, the data still to come
         # in the current chunk (None: a chunk-size line is next; -1: the CRLF
@@ -1924,7 +1930,7 @@ class _RequestReader:
         self.buffer += data
 
     def next_request(self):
-        if self._request is None and not self._read_head():
+        if self._request is None and (not self.buffer or not self._read_head()):
             return None
         environ, keep_alive, length = self._request
         if length == "chunked":
@@ -1958,17 +1964,16 @@ class _RequestReader:
         """Parse the lines of the head that have arrived; True once it is whole."""
         buffer, pos = self.buffer, 0
         if self._environ is None and not buffer.startswith(b"\r\n"):
-            # Most heads arrive whole: split them at once. The checks are the
-            # same, in the same order, as for a head read line by line below.
+            # Most heads arrive whole: split them at CRLF at once. The checks
+            # are those of a head read line by line below, in the same order.
             end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD)
-            if 0 < end and buffer.count(b"\n", 0, end) == buffer.count(b"\r\n", 0, end):
+            if end > 0:
                 lines = buffer[:end].decode("latin-1").split("\r\n")
                 if len(lines[0]) <= _MAX_REQUEST_LINE:
                     del buffer[:end + 4]
                     self._scanned = 0
                     self._request_line(lines[0])
-                    for line in itertools.islice(lines, 1, None):
-                        self._field(line)
+                    self._read_fields(itertools.islice(lines, 1, None))
                     self._request = self._end_of_head()
                     return True
         try:
@@ -1995,7 +2000,7 @@ class _RequestReader:
                     if line:  # RFC 9112 2.2: empty lines before it are ignored
                         self._request_line(line)
                 elif line:
-                    self._field(line)
+                    self._read_fields((line,))
                 else:
                     self._request = self._end_of_head()
                     return True
@@ -2005,7 +2010,7 @@ class _RequestReader:
     def _request_line(self, line):
         request_line = _REQUEST_LINE.fullmatch(line)
         if request_line is None:
-            raise _bad_request("malformed request line")
+            raise _malformed(line, "malformed request line")
         method, target, protocol = request_line.groups()
         if protocol not in ("HTTP/1.1", "HTTP/1.0"):
             raise RequestError(505, "HTTP version not supported",
@@ -2021,49 +2026,50 @@ class _RequestReader:
         path, _, query = path.partition("?")
         environ = self.base_environ.copy()
         environ["REQUEST_METHOD"] = method
-        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
         environ["QUERY_STRING"] = query
         environ["RAW_URI"] = target
         environ["SERVER_PROTOCOL"] = protocol
         environ["REMOTE_ADDR"] = self.peer
         self._environ = environ
-        self._fields = self._hosts = self._lengths = 0
+        self._fields = 0
 
-    def _field(self, line):
-        field = _FIELD_LINE.fullmatch(line)
-        if field is None:
-            raise _bad_request("malformed request header")
-        self._fields += 1
-        if self._fields > _MAX_HEADERS:
-            raise _too_large("more than %d request headers" % _MAX_HEADERS)
-        name, value = field.groups()
-        if "_" in name:
-            # Dropped, as nginx and gunicorn do: WSGI spells "-" as "_", so
-            # Content_Length would otherwise stand for Content-Length.
-            return
-        value = value.strip(" \t")
-        key = name.upper().replace("-", "_")
-        environ = self._environ
-        if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
-            if key in environ and environ[key] != value:
-                raise _bad_request("conflicting %s headers" % name)
+    def _read_fields(self, lines):
+        environ, fields = self._environ, self._fields
+        for line in lines:
+            field = _FIELD_LINE.fullmatch(line)
+            if field is None:
+                raise _malformed(line, "malformed request header")
+            fields += 1
+            if fields > _MAX_HEADERS:
+                raise _too_large("more than %d request headers" % _MAX_HEADERS)
+            name, value = field.groups()
+            if "_" in name:
+                # Dropped, as nginx and gunicorn do: WSGI spells "-" as "_", so
+                # Content_Length would otherwise stand for Content-Length.
+                continue
+            value = value.strip(" \t")
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_LENGTH" or key == "CONTENT_TYPE":
+                if key in environ and environ[key] != value:
+                    raise _bad_request("conflicting %s headers" % name)
+                environ[key] = value
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                if key == "HTTP_HOST":
+                    raise _bad_request("a request must have one Host header")
+                value = environ[key] + "," + value
+            elif key == "HTTP_HOST" and not _HOST.fullmatch(value):
+                raise _bad_request("the Host header is not a host and an optional port")
             environ[key] = value
-            self._lengths += key == "CONTENT_LENGTH"
-            return
-        key = "HTTP_" + key
-        if key == "HTTP_HOST":
-            self._hosts += 1
-            if self._hosts > 1 or not _HOST.fullmatch(value):
-                raise _bad_request("a request must have one Host header, with a valid host")
-        if key in environ:
-            value = environ[key] + "," + value
-        environ[key] = value
+        self._fields = fields
 
     def _end_of_head(self):
         """(environ, keep_alive, length) of the head just read; length may be "chunked"."""
         environ, self._environ, self._head_size = self._environ, None, 0
         http10 = environ["SERVER_PROTOCOL"] == "HTTP/1.0"
-        if not self._hosts and not http10:
+        if not http10 and "HTTP_HOST" not in environ:
             raise _bad_request("an HTTP/1.1 request must have a Host header")  # RFC 9112 3.2
         connection = environ.get("HTTP_CONNECTION")
         keep_alive = not http10
@@ -2074,7 +2080,7 @@ class _RequestReader:
         if transfer_encoding is not None:
             # RFC 9112 6.1 and 6.3: both framings at once is how requests are
             # smuggled, and a body is chunked only if chunked is its last coding.
-            if self._lengths:
+            if "CONTENT_LENGTH" in environ:
                 raise _bad_request("Content-Length and Transfer-Encoding together")
             codings = _list_items(transfer_encoding)
             if codings[-1] != "chunked" or codings.count("chunked") > 1 or "" in codings:
@@ -2087,7 +2093,7 @@ class _RequestReader:
             length = "chunked"
             self._body, self._chunk_left, self._extensions, self._trailers = (
                 bytearray(), None, 0, None)
-        elif self._lengths:
+        elif "CONTENT_LENGTH" in environ:
             length = self._content_length(environ["CONTENT_LENGTH"])
             environ["CONTENT_LENGTH"] = str(length)  # leading zeros would trouble apps
         else:
@@ -2190,27 +2196,6 @@ _GROUP_MAX_RESPONSES = 64
 _GROUP_MAX_BYTES = 1024 * 1024
 
 
-def _answer_or_close(callback):
-    """Guard an asyncio protocol callback: an exception escaping it would make
-    asyncio drop the connection with nothing sent, answers held for its earlier
-    requests included. None should; if one does, it is logged and answered."""
-    @functools.wraps(callback)
-    def guarded(self, *args):
-        try:
-            return callback(self, *args)
-        except Exception:
-            self.server._log_stream.write(traceback.format_exc())
-            if self.linger_until is None and not self.transport.is_closing():
-                try:
-                    self.finish_with_error(500, "Internal server error",
-                                           "the server failed to read the request; "
-                                           "the error was logged")
-                except Exception:
-                    self.transport.abort()
-            return None
-    return guarded
-
-
 class _Connection(asyncio.Protocol):
     """One client connection: reads whole requests, then hands them to the server.
 
@@ -2249,22 +2234,30 @@ class _Connection(asyncio.Protocol):
         self.reader = _RequestReader({}, 0)  # what it held is let go
         self.server._connection_closed(self)
 
-    @_answer_or_close
+    # No exception may escape a protocol callback: asyncio would drop the
+    # connection with nothing sent, answers held for earlier requests
+    # included. None should; if one does, it is logged and answered (_failed).
+
     def data_received(self, data):
         if self.linger_until is not None:
             return  # a final response was sent: input is drained and dropped
-        if self.request_started is None:
-            self.request_started = time.monotonic()
-        self.reader.feed(data)
-        self._process()
-        self.server._budget(self)
+        try:
+            if self.request_started is None:
+                self.request_started = time.monotonic()
+            self.reader.feed(data)
+            self._process()
+            self.server._budget(self)
+        except Exception:
+            self._failed()
 
-    @_answer_or_close
     def eof_received(self):
         # The client half-closed: answer what has fully arrived, then close.
-        self.closing = True
-        self._process()
-        self.server._close_when_answered(self)
+        try:
+            self.closing = True
+            self._process()
+            self.server._close_when_answered(self)
+        except Exception:
+            self._failed()
         return not self.tls  # a TLS transport cannot stay half-open
 
     def pause_writing(self):
@@ -2272,13 +2265,25 @@ class _Connection(asyncio.Protocol):
         self.write_paused = True
         self.transport.pause_reading()
 
-    @_answer_or_close
     def resume_writing(self):
         self.write_paused = False
-        if not self.starved:
-            self.transport.resume_reading()
-        self._process()
-        self.server._budget(self)
+        try:
+            if not self.starved:
+                self.transport.resume_reading()
+            self._process()
+            self.server._budget(self)
+        except Exception:
+            self._failed()
+
+    def _failed(self):
+        self.server._log_stream.write(traceback.format_exc())
+        if self.linger_until is None and not self.transport.is_closing():
+            try:
+                self.finish_with_error(500, "Internal server error",
+                                       "the server failed to read the request; "
+                                       "the error was logged")
+            except Exception:
+                self.transport.abort()
 
     def _process(self):
         server, reader = self.server, self.reader
@@ -2489,8 +2494,11 @@ class TaskServer:
         and by one read (_READ_SIZE) from each connection whose data arrived
         in the same turn of the event loop.
         """
-        self._buffered += conn.reader.held - conn.held
-        conn.held = conn.reader.held
+        held = conn.reader.held
+        self._buffered += held - conn.held
+        conn.held = held
+        if self._buffered < self.max_buffered and not self._starved:
+            return  # the usual case
         if self._buffered >= self.max_buffered:
             reading = [other for other in self._connections if not other.starved
                        and other.linger_until is None and not other.transport.is_closing()]

@@ -2963,6 +2963,26 @@ def test_over_tls_an_early_413_is_read_by_a_client_still_uploading(tmp_path, cer
     assert "Fatal error" not in running.log()
 
 
+def test_an_unexpected_failure_while_reading_is_answered_and_logged(tasks_app, monkeypatch):
+    # No exception may escape a protocol callback: asyncio would drop the
+    # connection silently, with the answers held for earlier requests.
+    def broken(self):
+        raise ValueError("a bug in the reader")
+
+    with _server_thread(tasks_app) as server:
+        monkeypatch.setattr(genesy_tasks._RequestReader, "next_request", broken)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(_health())
+            answers = _answers(_read_all(sock))
+        monkeypatch.undo()
+        assert [answer[0] for answer in answers] == [500]
+        assert json.loads(answers[0][2])["error"] == "Internal server error"
+        assert "ValueError: a bug in the reader" in server._log_stream.getvalue()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(_health(b"Connection: close\r\n"))
+            assert _answers(_read_all(sock))[0][0] == 200
+
+
 # The reader through a real connection: a fake transport collects what the
 # server writes, and an app echoes each request it is given.
 

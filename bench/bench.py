@@ -2,6 +2,7 @@
 
     python bench/bench.py            # the full run (about 5 minutes)
     python bench/bench.py --quick    # a reduced set, under a minute
+    python bench/bench.py --ab OLD/genesy_tasks.py   # this checkout against another, A/B
 
 It seeds databases of 1,000 and 1,000,000 tasks through TaskStore (kept in
 bench/data/ and reused), starts a bare Bottle route on the standard library's
@@ -313,12 +314,24 @@ def main(argv=None):
                         help="seconds per wrk run (default 5, or 1 with --quick)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"),
                         help="where to write the figures (default: %(default)s)")
+    parser.add_argument("--ab", metavar="MODULE",
+                        help="instead of the table: run this checkout's server and the one in "
+                             "MODULE (another genesy_tasks.py) side by side, alternating wrk "
+                             "runs at 8 connections, and print each endpoint's ratio")
+    parser.add_argument("--endpoints", nargs="+", metavar="ENDPOINT",
+                        default=["GET /health", "GET /tasks/<id>"],
+                        help="with --ab: the endpoints to compare (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="with --ab: runs of each server per endpoint (default: %(default)s)")
     args = parser.parse_args(argv)
 
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is missing. Install it with: sudo apt-get install wrk "
                  "(Debian/Ubuntu) or brew install wrk (macOS)")
     seconds = args.seconds or (1 if args.quick else 5)
+    if args.ab:
+        return compare(args.ab, args.endpoints, args.rounds, seconds,
+                       100_000 if args.quick else 1_000_000)
     sizes = (1_000, 100_000) if args.quick else (1_000, 1_000_000)
     levels = (8, 64) if args.quick else (1, 8, 64)
     endpoints = list(LUA_ENDPOINTS)
@@ -406,6 +419,50 @@ def main(argv=None):
     with open(args.json, "w") as out:
         json.dump(results, out, indent=2)
     print("\nfigures written to %s" % os.path.relpath(args.json))
+
+
+def compare(other_module, endpoints, rounds, seconds, size):
+    """A/B: this checkout's server (B) against ``other_module`` (A) on copies of one
+    database, both running, their wrk runs alternating so that drift on a shared
+    machine falls on both alike. Prints the median of each and B / A."""
+    unknown = [name for name in endpoints if name not in LUA_ENDPOINTS]
+    if unknown:
+        sys.exit("bench: unknown endpoints %s; known: %s" % (unknown, ", ".join(LUA_ENDPOINTS)))
+    print("A/B at 8 connections, %d tasks, %d rounds of %d s: A = %s, B = this checkout"
+          % (size, rounds, seconds, other_module))
+    seeded = seed_database(size)
+    workdir = tempfile.mkdtemp(prefix="genesy-ab-")
+    servers = {}
+    try:
+        for label, module in (("A", os.path.abspath(other_module)),
+                              ("B", os.path.join(ROOT, "genesy_tasks.py"))):
+            db = os.path.join(workdir, "%s.db" % label)
+            shutil.copyfile(seeded, db)
+            port = free_port()
+            servers[label] = Process(
+                [sys.executable, module, "--db", db, "--port", str(port)],
+                os.path.join(workdir, "%s.log" % label), env=dict(os.environ, GENESY_API_KEY=KEY))
+        scripts = write_scripts(workdir, sample_ids(seeded))
+        runs = {(label, name): [] for label in servers for name in endpoints}
+        for round_ in range(rounds):
+            for name in endpoints:
+                for label in ("AB" if round_ % 2 == 0 else "BA"):
+                    result = run_wrk(servers[label].port, scripts[name], 8, seconds)
+                    runs[label, name].append(result)
+        print("\n| endpoint | A req/s | B req/s | B / A | A p99 | B p99 | errors |")
+        print("|---|---|---|---|---|---|---|")
+        for name in endpoints:
+            a = statistics.median(r["rps"] for r in runs["A", name])
+            b = statistics.median(r["rps"] for r in runs["B", name])
+            p99 = [statistics.median(r["p99_us"] for r in runs[label, name]) / 1000
+                   for label in "AB"]
+            errors = sum(r["errors"] for label in "AB" for r in runs[label, name])
+            print("| %s | %.0f | %.0f | %.3f | %.2f ms | %.2f ms | %d |"
+                  % (name, a, b, b / a, p99[0], p99[1], errors))
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def report(results, sizes, levels):
