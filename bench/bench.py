@@ -449,6 +449,8 @@ def compare(other_module, endpoints, rounds, seconds, size):
                 for label in ("AB" if round_ % 2 == 0 else "BA"):
                     result = run_wrk(servers[label].port, scripts[name], 8, seconds)
                     runs[label, name].append(result)
+                    print("  round %d  %s  %-18s %8.0f req/s" % (round_ + 1, label, name,
+                                                              result["rps"]), flush=True)
         print("\n| endpoint | A req/s | B req/s | B / A | A p99 | B p99 | errors |")
         print("|---|---|---|---|---|---|---|")
         for name in endpoints:
