@@ -437,6 +437,9 @@ class TaskStore:
         self._connections_lock = threading.Lock()
         self._create_file()
         try:
+            # Look before anything writes (WAL mode included): a file this
+            # store refuses is left exactly as it was.
+            self._check_schema()
             self._migrate(self._connection())
         except sqlite3.Error as error:
             self.close()
@@ -603,6 +606,25 @@ class TaskStore:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
+    def _check_schema(self):
+        """Refuse, without writing, a file whose genesy_ tables this release cannot use."""
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        try:
+            tables = {name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if "genesy_meta" in tables:
+                version = self._schema_version(conn)
+            if version is None and "genesy_tasks" in tables:
+                raise sqlite3.DatabaseError(
+                    "it has a genesy_tasks table that genesy-tasks did not create")
+            if version is not None and version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    "its schema version %s is newer than this genesy-tasks (%s) understands"
+                    % (version, SCHEMA_VERSION))
+        finally:
+            conn.close()
+
     def _migrate(self, conn):
         if self._schema_version(conn) == SCHEMA_VERSION:
             return  # the usual case needs no write lock, so a busy CRM cannot stop a start
@@ -614,7 +636,7 @@ class TaskStore:
             version = self._schema_version(conn)
             if version is None:
                 statements = (_SCHEMA + _IDEMPOTENCY_SCHEMA).split(";")
-            elif version > SCHEMA_VERSION:
+            elif version > SCHEMA_VERSION:  # written by another process since _check_schema
                 raise sqlite3.DatabaseError(
                     "its schema version %s is newer than this genesy-tasks (%s) understands"
                     % (version, SCHEMA_VERSION))
@@ -635,7 +657,12 @@ class TaskStore:
                 "SELECT value FROM genesy_meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.OperationalError:
             return None  # no genesy_meta table yet
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        if not isinstance(row[0], str) or not row[0].isdigit():
+            raise sqlite3.DatabaseError("its schema version %r is not one genesy-tasks wrote"
+                                        % (row[0],))
+        return int(row[0])
 
     def close(self):
         """Close every connection this store opened, in any thread."""
@@ -1095,6 +1122,15 @@ def _unavailable_reason(error):
         if any(word in text for word in words):
             return reason
     return "storage error"
+
+
+def _report(stream, text):
+    """Write to a log stream; a log on a full disk must not fail the request."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _task_not_found(task_id):
@@ -1681,11 +1717,11 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
-                environ["wsgi.errors"].write("genesy-tasks: storage unavailable: %s\n" % error)
+                _report(environ["wsgi.errors"], "genesy-tasks: storage unavailable: %s\n" % error)
                 return _error_response(503, "Service unavailable",
                                        _unavailable_message(error), {"Retry-After": "1"})
             except Exception:
-                environ["wsgi.errors"].write(traceback.format_exc())
+                _report(environ["wsgi.errors"], traceback.format_exc())
                 return _error_response(500, "Internal server error",
                                        "the server failed to handle the request; "
                                        "the error was logged")
@@ -2276,7 +2312,7 @@ class _Connection(asyncio.Protocol):
             self._failed()
 
     def _failed(self):
-        self.server._log_stream.write(traceback.format_exc())
+        _report(self.server._log_stream, traceback.format_exc())
         if self.linger_until is None and not self.transport.is_closing():
             try:
                 self.finish_with_error(500, "Internal server error",
@@ -2656,7 +2692,7 @@ class TaskServer:
                     result.close()
             status, headers = response
         except Exception:
-            self._log_stream.write(traceback.format_exc())
+            _report(self._log_stream, traceback.format_exc())
             status = "500 Internal Server Error"
             headers = _ERROR_HEADERS
             body = error_body("Internal server error",
@@ -2762,8 +2798,7 @@ class TaskServer:
         lines, self._log_lines = self._log_lines, []
         if lines:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime())
-            self._log_stream.write("".join(stamp + line + "\n" for line in lines))
-            self._log_stream.flush()
+            _report(self._log_stream, "".join(stamp + line + "\n" for line in lines))
 
 
 ###############################################################################
@@ -3085,8 +3120,14 @@ def _whole_number(text):
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, like every other refusal at start, instead of the usage text.
+        self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
+
+
 def _build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="genesy-tasks",
         description="Serve the Genesy Tasks API from a SQLite file. Requests must carry "
                     "the API key in the header named by GENESY_API_KEY_HEADER (default "
@@ -3104,7 +3145,7 @@ def _build_parser():
                             help="%s (env %s)" % (text, env))
 
     option("--host", str, DEFAULT_HOST, "address to listen on")
-    option("--port", _whole_number, DEFAULT_PORT, "port to listen on, 0 for any free port")
+    option("--port", _port, DEFAULT_PORT, "port to listen on, 0 for any free port")
     option("--db", str, DEFAULT_DB, "SQLite database file, created if missing")
     option("--max-batch", _whole_number, DEFAULT_MAX_BATCH,
            "most ids in one batch request; more is a 413")
@@ -3149,6 +3190,13 @@ def _build_parser():
     option("--db", str, DEFAULT_DB, "the database to copy", backup)
     backup.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     return parser
+
+
+def _port(text):
+    value = _whole_number(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("%r is not a port (0 to 65535)" % (text,))
+    return value
 
 
 def _positive_number(text):
@@ -3253,11 +3301,15 @@ def main(argv=None):
         return 2
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
+    new_file = not os.path.exists(args.db)
     try:
         store = TaskStore(args.db, busy_timeout=args.busy_timeout)
     except StorageError as error:
         print("genesy-tasks: %s" % error, file=sys.stderr)
+        if new_file:
+            _remove_database(args.db)
         return 2
+    served = False
     try:
         try:
             tasks_app = make_app(store, api_keys, header,
@@ -3286,11 +3338,20 @@ def main(argv=None):
             print("API key: %s (generated and kept in %s; set GENESY_API_KEY to use your own)"
                   % (generated_key, args.db))
         sys.stdout.flush()
+        served = True
         server.serve_forever()
-        print("genesy-tasks: stopped", file=sys.stderr)
+        _report(sys.stderr, "genesy-tasks: stopped\n")
         return 0
     finally:
         store.close()
+        if new_file and not served:  # a start that failed leaves nothing behind
+            _remove_database(args.db)
+
+
+def _remove_database(path):
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
 
 
 if __name__ == "__main__":

@@ -1535,6 +1535,89 @@ def test_a_bad_db_path_fails_at_start_with_one_clear_line(tmp_path, make_bad_pat
         assert word in line
 
 
+def _file_state(path):
+    """The bytes of ``path`` and which of its -wal and -shm files exist."""
+    return (open(path, "rb").read(),
+            [suffix for suffix in ("-wal", "-shm") if os.path.exists(path + suffix)])
+
+
+def test_a_file_that_is_refused_is_left_exactly_as_it_was(tmp_path):
+    # Another application's file with its own genesy_tasks table, in its own journal mode.
+    other = str(tmp_path / "other.db")
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE genesy_tasks (anything)")
+    conn.execute("INSERT INTO genesy_tasks VALUES ('theirs')")
+    conn.commit()
+    conn.close()
+    before = _file_state(other)
+    line = _refused_at_start("--db", other)
+    assert "did not create" in line
+    assert _file_state(other) == before
+    conn = sqlite3.connect(other)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+
+
+def test_an_unreadable_schema_version_is_one_line_and_changes_nothing(tmp_path):
+    db = str(tmp_path / "tasks.db")
+    TaskStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE genesy_meta SET value = 'two' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    before = _file_state(db)
+    assert "'two'" in _refused_at_start("--db", db)
+    assert _file_state(db) == before
+
+
+def test_a_start_that_fails_leaves_no_new_database_file(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        db = str(tmp_path / "new.db")
+        result = subprocess.run(
+            [sys.executable, MODULE, "--port", str(taken.getsockname()[1]), "--db", db],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "GENESY_API_KEY": KEY})
+    assert result.returncode == 2 and "cannot listen" in result.stderr
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("new.db")]
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--port", "70000"], {}), ([], {"GENESY_TASKS_PORT": "70000"}),
+    (["--port", "-1"], {}), (["--busy-timeout", "soon"], {}),
+    ([], {"GENESY_TASKS_MAX_BODY": "big"}), (["--no-such-option"], {}),
+])
+def test_every_bad_option_or_environment_value_is_one_line_and_exit_2(args, env):
+    result = subprocess.run([sys.executable, MODULE, *args], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "GENESY_API_KEY": KEY, **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
+
+
+def test_a_log_on_a_full_disk_fails_nothing_and_sigterm_still_exits_0(tmp_path):
+    # stderr on /dev/full: every log write fails with ENOSPC.
+    with open("/dev/full", "w") as full:
+        process = subprocess.Popen(
+            [sys.executable, MODULE, "--port", "0", "--db", str(tmp_path / "t.db")],
+            stdout=subprocess.PIPE, stderr=full, text=True,
+            env={**os.environ, "GENESY_API_KEY": KEY})
+        try:
+            port = int(re.search(r":(\d+) ", process.stdout.readline()).group(1))
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for _ in range(3):
+                for method, path, status in (("POST", "/tasks", 201), ("GET", "/nowhere", 404)):
+                    conn.request(method, path, body=b'{"subject": "logged nowhere"}',
+                                 headers={**HEADERS, "Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    assert response.status == status
+                    response.read()
+            conn.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+
+
 def test_flags_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("GENESY_TASKS_HOST", "0.0.0.0")
     monkeypatch.setenv("GENESY_TASKS_PORT", "9000")
