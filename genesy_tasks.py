@@ -59,7 +59,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 # arriving). Past it, connections that send more wait their turn.
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The commit that takes the WAL past this many pages copies them into the
 # database. Each checkpoint syncs the WAL and then the database, about 15 ms
 # each on the development machine whatever the size, and rewrites the pages
@@ -269,9 +269,11 @@ class StorageError(Exception):
     """The database cannot be opened or used; the message says why."""
 
 
+# seq is AUTOINCREMENT so that a position is never given twice: a cursor
+# (a seq) must not come to stand for a task created after it was handed out.
 _SCHEMA = """
 CREATE TABLE genesy_tasks (
-    seq          INTEGER PRIMARY KEY,
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     id           TEXT NOT NULL UNIQUE,
     subject      TEXT NOT NULL,
     description  TEXT,
@@ -300,12 +302,40 @@ CREATE TABLE genesy_idempotency (
 );
 CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 """
-# Upgrades of an existing database, by the version they lead to.
+
+
+def _never_reuse_positions(conn):
+    """Schema 3: seq becomes AUTOINCREMENT, which SQLite gives a table only when
+    it is created. The table is rebuilt as SQLite's documented procedure for
+    other schema changes says, and the indexes and triggers a CRM attached to
+    it are created again as they were."""
+    attached = [sql for (sql,) in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
+        "AND tbl_name = 'genesy_tasks' AND sql IS NOT NULL")]
+    conn.execute(_SCHEMA.split(";")[0].replace("TABLE genesy_tasks", "TABLE genesy_tasks_new", 1))
+    columns = ", ".join(column for _, column in _FIELD_COLUMNS if column) + ", due_utc"
+    conn.execute("INSERT INTO genesy_tasks_new (seq, %s) SELECT seq, %s FROM genesy_tasks"
+                 % (columns, columns))
+    conn.execute("DROP TABLE genesy_tasks")
+    # Legacy renaming: a CRM's view or trigger that names genesy_tasks names
+    # nothing for a moment, which a modern rename would refuse.
+    conn.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        conn.execute("ALTER TABLE genesy_tasks_new RENAME TO genesy_tasks")
+    finally:
+        conn.execute("PRAGMA legacy_alter_table = OFF")
+    for sql in attached:
+        conn.execute(sql)
+
+
+# Upgrades of an existing database, by the version they lead to: statements,
+# or a function of the connection.
 _MIGRATIONS = {
     2: ["ALTER TABLE genesy_tasks ADD COLUMN due_utc TEXT",
         "UPDATE genesy_tasks SET due_utc = genesy_utc_instant(due_date) "
         "WHERE due_date IS NOT NULL"]
        + _IDEMPOTENCY_SCHEMA.split(";"),
+    3: [_never_reuse_positions],
 }
 
 # The column of each field in TASK_FIELDS order; "completed" is derived from
@@ -645,7 +675,9 @@ class TaskStore:
                               for statement in _MIGRATIONS[step]]
             # Not executescript(): it would commit this transaction first.
             for statement in statements:
-                if statement.strip():
+                if callable(statement):
+                    statement(conn)
+                elif statement.strip():
                     conn.execute(statement)
             conn.execute("INSERT OR REPLACE INTO genesy_meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))

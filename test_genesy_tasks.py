@@ -607,6 +607,74 @@ def test_a_release_1_database_is_upgraded_in_place(db_path):
     conn.close()
 
 
+_SCHEMA_V2 = """
+CREATE TABLE genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO genesy_meta VALUES ('schema_version', '2');
+CREATE TABLE genesy_tasks (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, subject TEXT NOT NULL,
+    description TEXT, type TEXT, owner_id TEXT, due_date TEXT, contact_id TEXT,
+    company_id TEXT, completed_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    due_utc TEXT);
+CREATE INDEX genesy_tasks_owner ON genesy_tasks (owner_id);
+CREATE INDEX genesy_tasks_contact ON genesy_tasks (contact_id);
+CREATE INDEX genesy_tasks_company ON genesy_tasks (company_id);
+CREATE TABLE genesy_idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+    task TEXT NOT NULL, created_ms INTEGER NOT NULL);
+CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
+INSERT INTO genesy_tasks (seq, id, subject, created_at, updated_at) VALUES
+    (1, 'task-a', 'A', '2024-01-01T00:00:00.000Z', '2024-01-01T00:00:00.000Z'),
+    (2, 'task-b', 'B', '2024-01-01T00:00:00.000Z', '2024-01-01T00:00:00.000Z'),
+    (3, 'task-c', 'C', '2024-01-01T00:00:00.000Z', '2024-01-01T00:00:00.000Z');
+-- A CRM's own objects on the table survive the upgrade.
+CREATE TABLE crm_log (task_id TEXT);
+CREATE TRIGGER crm_on_delete AFTER DELETE ON genesy_tasks
+    BEGIN INSERT INTO crm_log VALUES (old.id); END;
+CREATE INDEX crm_by_type ON genesy_tasks (type);
+CREATE VIEW crm_open_tasks AS SELECT id FROM genesy_tasks WHERE completed_at IS NULL;
+"""
+
+
+def _cursor_skip_reproduction(store, first, deleted):
+    """List from ``first`` in creation order, delete ``deleted``, create D: D must be listed."""
+    page = store.list(order="oldest", limit=1, cursor=first)
+    cursor = page["nextCursor"]
+    for task_id in deleted:
+        assert store.delete(task_id)
+    created = store.create({"subject": "D"})
+    assert [task["id"] for task in store.list(order="oldest", cursor=cursor)["tasks"]] == [
+        created["id"]]
+
+
+def test_a_cursor_never_skips_a_task_created_after_deletions(store):
+    a, b, c = (store.create({"subject": name})["id"] for name in "ABC")
+    first = store.list(order="oldest", limit=1)["nextCursor"]  # the position of A
+    assert store.list(order="oldest", limit=1, cursor=first)["tasks"][0]["id"] == b
+    _cursor_skip_reproduction(store, first, [b, c])
+
+
+def test_a_release_2_database_is_upgraded_and_its_cursors_never_skip(db_path):
+    conn = sqlite3.connect(db_path)
+    conn.executescript(_SCHEMA_V2)
+    conn.close()
+    with TaskStore(db_path) as store:
+        assert [task["id"] for task in store.list(order="oldest")["tasks"]] == [
+            "task-a", "task-b", "task-c"]
+        _cursor_skip_reproduction(store, "1", ["task-b", "task-c"])
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT value FROM genesy_meta WHERE key = 'schema_version'"
+                        ).fetchone()[0] == "3"
+    assert "AUTOINCREMENT" in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'genesy_tasks'").fetchone()[0]
+    assert conn.execute("SELECT task_id FROM crm_log ORDER BY task_id").fetchall() == [
+        ("task-b",), ("task-c",)]
+    assert conn.execute("SELECT count(*) FROM crm_open_tasks").fetchone()[0] == 2
+    names = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"crm_by_type", "crm_on_delete", "genesy_tasks_owner", "genesy_tasks_contact",
+            "genesy_tasks_company"} <= names and "genesy_tasks_new" not in names
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
 # -- idempotent create --------------------------------------------------------------------
 
 def _create_with_key(api, key, body, **kwargs):
@@ -1060,7 +1128,9 @@ def test_the_store_uses_wal_and_namespaced_tables_beside_a_crms_own(db_path):
     with TaskStore(db_path) as store:
         store.create({"subject": "Genesy's task"})
     tables = {row[0] for row in crm.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"tasks", "genesy_tasks", "genesy_meta", "genesy_idempotency"}
+    # sqlite_sequence is SQLite's own, made for any AUTOINCREMENT table.
+    assert tables == {"tasks", "genesy_tasks", "genesy_meta", "genesy_idempotency",
+                      "sqlite_sequence"}
     assert crm.execute("SELECT title FROM tasks").fetchall() == [("the CRM's own task",)]
     assert crm.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert crm.execute("SELECT value FROM genesy_meta WHERE key = 'schema_version'"
