@@ -416,17 +416,29 @@ def _fingerprint(body):
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def is_lock_wait(error):
+    """Whether a sqlite3 error means another connection held a lock (SQLITE_BUSY,
+    SQLITE_LOCKED): the same call may succeed a moment later."""
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    text = str(error)
+    return "database is locked" in text or "database table is locked" in text
+
+
 def _recovering(method):
     """A TaskStore method that starts afresh after an operational error.
 
-    See :meth:`TaskStore._discard_connection`.
+    See :meth:`TaskStore._discard_connection`. Another connection's lock is no
+    reason: the connection is fine, and waiting writes are retried on it.
     """
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.OperationalError:
-            self._discard_connection()
+        except sqlite3.OperationalError as error:
+            if not is_lock_wait(error):
+                self._discard_connection()
             raise
     return wrapper
 
@@ -496,8 +508,9 @@ class TaskStore:
     def _connection(self):
         conn = getattr(self._local, "connection", None)
         if conn is None:
+            waits = getattr(self._local, "waits", True)
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None,
+                self.path, timeout=self.busy_timeout if waits else 0, isolation_level=None,
                 check_same_thread=False, cached_statements=64)
             try:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -508,7 +521,8 @@ class TaskStore:
                 # once, so it survives a crash of this process; only a power
                 # loss can take the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint = %d" % WAL_CHECKPOINT_PAGES)
+                conn.execute("PRAGMA wal_autocheckpoint = %d"
+                             % (WAL_CHECKPOINT_PAGES if waits else 0))
             except BaseException:
                 conn.close()
                 raise
@@ -575,6 +589,21 @@ class TaskStore:
                     conn.execute("ROLLBACK TO genesy_write")
                     conn.execute("RELEASE genesy_write")
             raise
+
+    def never_wait_on_this_thread(self):
+        """Make this thread's connection fail at once where it would wait.
+
+        For an event loop's thread, which must never block: a write that meets
+        another connection's lock raises an error for which is_lock_wait() is
+        true instead of waiting up to the busy timeout (the caller retries it),
+        and commits no longer run checkpoints, whose syncs take milliseconds
+        (CommitGroups runs them on a thread of their own).
+        """
+        self._local.waits = False
+        conn = getattr(self._local, "connection", None)
+        if conn is not None:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
 
     def start_commit_group(self):
         """Let this thread's writes share one transaction until finish_commit_group().
@@ -995,6 +1024,127 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
         raise StorageError("cannot back up %r: %s"
                            % (source, getattr(error, "strerror", None) or error)) from error
     return tasks
+
+
+# -- serving a store from an event loop ------------------------------------------
+
+#: Set by TaskServer in a request's environ when it can run the request again
+#: later if it meets another connection's write lock. The application then
+#: sets MET_LOCK_KEY beside its 503, and the server retries instead of sending it.
+RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
+MET_LOCK_KEY = "genesy_tasks.met_lock"
+# How often the checkpointer looks at the WAL's size.
+_CHECKPOINT_INTERVAL = 0.05
+# Past this many times the checkpoint size, a WAL that cannot be checkpointed
+# (another connection's long read transaction pins it) is reported.
+_WAL_WARNING_FACTOR = 4
+
+
+class CommitGroups:
+    """What TaskServer needs to serve a TaskStore: ``TaskServer(app, commits=...)``.
+
+    - ``open(log)`` and ``close()``, around serving, on the server's thread:
+      that thread's connection then never waits (TaskStore.never_wait_on_this_thread),
+      and a thread of its own checkpoints the WAL, so that no checkpoint's
+      syncs run on the event loop. ``log`` takes one line; it is called from
+      the checkpointer's thread.
+    - ``start()`` and ``finish()``: one commit group
+      (TaskStore.start_commit_group, TaskStore.finish_commit_group).
+    - ``lock_timeout``: seconds a request may wait for another connection's
+      write lock before its 503 is sent (the store's busy timeout).
+
+    ``checkpoint_pages`` is the WAL size, in pages, past which it is copied
+    into the database and then truncated; 0 leaves checkpoints to another
+    process (Litestream, say).
+    """
+
+    def __init__(self, store, checkpoint_pages=WAL_CHECKPOINT_PAGES):
+        self.store = store
+        self.lock_timeout = store.busy_timeout
+        self.checkpoint_pages = checkpoint_pages
+        self._checkpointer = None
+
+    def open(self, log):
+        self.store.never_wait_on_this_thread()
+        if self.checkpoint_pages:
+            try:
+                conn = sqlite3.connect(self.store.path, timeout=0, isolation_level=None,
+                                       check_same_thread=False)
+            except sqlite3.Error as error:
+                log("- - WAL checkpoints are off: cannot open %s: %s" % (self.store.path, error))
+                return
+            self._checkpointer = _Checkpointer(conn, self.store.path, self.checkpoint_pages, log)
+            self._checkpointer.start()
+
+    def close(self):
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+
+    def start(self):
+        return self.store.start_commit_group()
+
+    def finish(self):
+        self.store.finish_commit_group()
+
+
+class _Checkpointer(threading.Thread):
+    """Keeps a WAL that the event loop's commits never checkpoint bounded.
+
+    When the WAL passes the checkpoint size, a PASSIVE checkpoint copies its
+    pages into the database without blocking anyone; then a TRUNCATE
+    checkpoint, which takes the write lock only if it is free at once, copies
+    the few pages written meanwhile and gives the file's space back. Writers
+    that meet that lock are retried by the server. A reader that pins old pages
+    (another connection's long read transaction) stops both from finishing:
+    that is reported once, and the WAL shrinks as soon as the reader ends.
+    """
+
+    def __init__(self, conn, path, pages, log):
+        super().__init__(name="genesy-tasks checkpointer", daemon=True)
+        self.conn, self.path, self.pages, self.log = conn, path, pages, log
+        self._stopping = threading.Event()
+        self._warned = False
+
+    def stop(self):
+        self._stopping.set()
+        self.join()
+
+    def run(self):
+        conn = self.conn
+        try:
+            limit = self.pages * conn.execute("PRAGMA page_size").fetchone()[0]
+            while not self._stopping.wait(_CHECKPOINT_INTERVAL):
+                self._checkpoint_if_needed(conn, limit)
+        except sqlite3.Error as error:
+            self.log("- - WAL checkpoints stopped: %s" % error)
+        finally:
+            conn.close()
+
+    def _checkpoint_if_needed(self, conn, limit):
+        try:
+            size = os.stat(self.path + "-wal").st_size
+        except OSError:
+            return
+        if size < limit:
+            return
+        try:
+            _, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as error:  # a full disk, say: tried again on the next tick
+            self.log("- - WAL checkpoint failed: %s" % error)
+            return
+        if not busy:
+            if self._warned:
+                self._warned = False
+                self.log("- - the WAL is checkpointed and truncated again: "
+                         "the read transaction that pinned it ended")
+        elif copied < log and size >= _WAL_WARNING_FACTOR * limit and not self._warned:
+            # PASSIVE copies every page no reader still needs: some do.
+            self._warned = True
+            self.log("- - warning: the WAL file %s-wal is %d MB and cannot be checkpointed: "
+                     "another connection holds a long read transaction (a report or a "
+                     "backup?); it shrinks once that ends" % (self.path, size // 1_000_000))
 
 
 ###############################################################################
@@ -1749,7 +1899,11 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
-                _report(environ["wsgi.errors"], "genesy-tasks: storage unavailable: %s\n" % error)
+                if environ.get(RETRY_ON_LOCK_KEY) and is_lock_wait(error):
+                    environ[MET_LOCK_KEY] = True  # the server runs it again later
+                else:
+                    _report(environ["wsgi.errors"],
+                            "genesy-tasks: storage unavailable: %s\n" % error)
                 return _error_response(503, "Service unavailable",
                                        _unavailable_message(error), {"Retry-After": "1"})
             except Exception:
@@ -1930,6 +2084,10 @@ _REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])" % _TOKEN)
 # that starts with whitespace (obs-fold) is refused too (RFC 9112 5.2).
 _FIELD_LINE = re.compile(r"(%s):([\t\x20-\x7e\x80-\xff]*)" % _TOKEN)
 _TRAILER_LINE = re.compile(_FIELD_LINE.pattern.encode("latin-1"))
+_NOT_IN_TRAILERS = {b"content-length", b"transfer-encoding", b"host", b"content-type",
+                    b"trailer", b"connection", b"expect"}
+# RFC 9112 3.2.2: http(s)://authority, then the path and query, if any.
+_ABSOLUTE_FORM = re.compile(r"https?://([^/?]*)(.*)", re.IGNORECASE)
 # RFC 9110 7.2 and RFC 3986 3.2.2: uri-host [ ":" port ].
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 # RFC 9112 7.1: chunk-size [ chunk-ext ]. The whitespace RFC 9112 tolerates
@@ -1979,6 +2137,7 @@ class _RequestReader:
         self.expect_continue = False  # the client waits for 100 Continue to send its body
         self._scanned = 0       # bytes at the buffer's start known to hold no LF
         self._environ = None    # of the head being read, once its request line is in
+        self._authority = None  # the host of an absolute-form target
         self._head_size = 0
         self._fields = 0
         self._request = None    # (environ, keep_alive, length) once its head is whole
@@ -2031,7 +2190,7 @@ class _RequestReader:
     def _read_head(self):
         """Parse the lines of the head that have arrived; True once it is whole."""
         buffer, pos = self.buffer, 0
-        if self._environ is None and not buffer.startswith(b"\r\n"):
+        if self._head_size == 0 and not buffer.startswith(b"\r\n"):
             # Most heads arrive whole: split them at CRLF at once. The checks
             # are those of a head read line by line below, in the same order.
             end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD)
@@ -2085,12 +2244,19 @@ class _RequestReader:
                                "only HTTP/1.0 and HTTP/1.1 are supported")
         if not method.isalpha() or not method.isupper():
             raise _bad_request("malformed request method")
+        if "#" in target:
+            raise _bad_request("a request target has no fragment")  # RFC 9112 3.2
+        authority = None
         path = target
         if not target.startswith("/"):
-            # RFC 9112 3.2.2: the absolute form, as sent to proxies.
-            if not target.startswith(("http://", "https://")):
+            # RFC 9112 3.2.2: the absolute form, as sent to proxies. The
+            # authority ends at the first "/" or "?", and replaces Host.
+            absolute = _ABSOLUTE_FORM.fullmatch(target)
+            if absolute is None:
                 raise _bad_request("malformed request target")
-            path = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+            authority, path = absolute.group(1), absolute.group(2) or "/"
+            if not path.startswith("/"):
+                path = "/" + path  # "?query" right after the authority
         path, _, query = path.partition("?")
         environ = self.base_environ.copy()
         environ["REQUEST_METHOD"] = method
@@ -2100,6 +2266,7 @@ class _RequestReader:
         environ["SERVER_PROTOCOL"] = protocol
         environ["REMOTE_ADDR"] = self.peer
         self._environ = environ
+        self._authority = authority
         self._fields = 0
 
     def _read_fields(self, lines):
@@ -2139,6 +2306,8 @@ class _RequestReader:
         http10 = environ["SERVER_PROTOCOL"] == "HTTP/1.0"
         if not http10 and "HTTP_HOST" not in environ:
             raise _bad_request("an HTTP/1.1 request must have a Host header")  # RFC 9112 3.2
+        if self._authority is not None:
+            environ["HTTP_HOST"] = self._authority
         connection = environ.get("HTTP_CONNECTION")
         keep_alive = not http10
         if connection:
@@ -2226,8 +2395,12 @@ class _RequestReader:
                     if not line:  # the end of the trailer section, and of the body
                         self._body = self._trailers = None
                         return bytes(body)
-                    if not _TRAILER_LINE.fullmatch(line):  # checked, then ignored
+                    trailer = _TRAILER_LINE.fullmatch(line)  # checked, then ignored
+                    if trailer is None:
                         raise _bad_request("malformed trailer field")
+                    if trailer.group(1).lower() in _NOT_IN_TRAILERS:  # RFC 9110 6.5.1
+                        raise _bad_request("%s is not allowed in a trailer section"
+                                           % trailer.group(1).decode("latin-1"))
                     continue
                 chunk = _CHUNK_LINE.fullmatch(line)
                 if chunk is None:
@@ -2257,6 +2430,8 @@ _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 _RETRY_HEADERS = _ERROR_HEADERS + [("Retry-After", "1")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
+# How often requests that met another connection's write lock are run again.
+_LOCK_RETRY_INTERVAL = 0.002
 # A commit group (see TaskServer._handle) ends early after this many
 # responses or bytes of responses, so a burst of pipelined requests is
 # answered, and flow control sees the bytes, before they pile up.
@@ -2285,6 +2460,7 @@ class _Connection(asyncio.Protocol):
         self.starved = False        # reading paused until the budget has room
         self.peer = "-"
         self.tls = False
+        self.parked = None          # a request waiting for another connection's write lock
 
     def connection_made(self, transport):
         self.transport = transport
@@ -2323,7 +2499,8 @@ class _Connection(asyncio.Protocol):
         try:
             self.closing = True
             self._process()
-            self.server._close_when_answered(self)
+            if self.parked is None:  # else it closes once that request is answered
+                self.server._close_when_answered(self)
         except Exception:
             self._failed()
         return not self.tls  # a TLS transport cannot stay half-open
@@ -2355,7 +2532,7 @@ class _Connection(asyncio.Protocol):
 
     def _process(self):
         server, reader = self.server, self.reader
-        while not self.write_paused and self.linger_until is None:
+        while not self.write_paused and self.linger_until is None and self.parked is None:
             try:
                 request = reader.next_request()
             except RequestError as error:
@@ -2368,16 +2545,21 @@ class _Connection(asyncio.Protocol):
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     reader.expect_continue = False
                 return
-            server._handle(self, *request)
-            self.answered += 1
-            if self.closing:
-                server._close_when_answered(self)
+            if not server._handle(self, *request) or not self.answered_one():
                 return
-            if reader.held:
-                self.request_started = time.monotonic()
-            else:
-                self.request_started = None
-                self.idle_since = time.monotonic()
+
+    def answered_one(self):
+        """Count an answer; False if the connection is to close after it."""
+        self.answered += 1
+        if self.closing:
+            self.server._close_when_answered(self)
+            return False
+        if self.reader.held:
+            self.request_started = time.monotonic()
+        else:
+            self.request_started = None
+            self.idle_since = time.monotonic()
+        return True
 
     def finish_with_error(self, status, title, message):
         """Send a final error response, then drain input briefly so the client can read it."""
@@ -2438,7 +2620,7 @@ class TaskServer:
                  max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                  keepalive_timeout=75.0, shutdown_timeout=10.0,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_buffered=DEFAULT_MAX_BUFFERED,
-                 ssl_context=None, log=None):
+                 ssl_context=None, log=None, commits=None):
         self.app = app
         self.max_body = max_body
         self.request_timeout = request_timeout
@@ -2472,9 +2654,10 @@ class TaskServer:
         self._date_header = ""
         self._stopped = self._loop.create_future()
         self._sweeper = None
-        store = app.store if isinstance(app, TasksApp) else None
-        self._store = store  # whose writes commit in groups, if any
+        self._commits = commits  # a CommitGroups, or None: no groups, no lock retries
         self._group = None   # the open commit group
+        self._parked = []    # connections whose request waits for another's write lock
+        self._retry = None   # the timer that runs them again
         self._held = []      # responses waiting for its commit, in order
         self._held_bytes = 0
 
@@ -2623,6 +2806,8 @@ class TaskServer:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._begin_shutdown)
         self._sweeper = loop.call_later(1.0, self._sweep)
+        if self._commits is not None:
+            self._commits.open(lambda line: loop.call_soon_threadsafe(self._log, line))
         self._slot_freed = asyncio.Event()
         self._accepting = loop.create_task(self._accept_forever())
         try:
@@ -2630,6 +2815,9 @@ class TaskServer:
             loop.run_until_complete(self._drain())
         finally:
             self._end_group()  # its end may be among the callbacks the loop did not run
+            if self._commits is not None:
+                self._commits.close()
+                loop.run_until_complete(asyncio.sleep(0))  # its last log lines
             self._sweeper.cancel()
             self._socket.close()
             self._flush_log()
@@ -2685,8 +2873,8 @@ class TaskServer:
             if conn.linger_until is not None:
                 if now > conn.linger_until:
                     conn.transport.abort()
-            elif conn.starved and not self._stopping:
-                continue  # waiting for the buffer budget: the wait is ours, not theirs
+            elif (conn.starved and not self._stopping) or conn.parked is not None:
+                continue  # waiting for the buffer budget or a lock: the wait is ours
             elif conn.request_started is not None:
                 if now - conn.request_started > self.request_timeout:
                     conn.finish_with_error(
@@ -2700,16 +2888,28 @@ class TaskServer:
 
     # -- requests ---------------------------------------------------------------
 
-    def _handle(self, conn, environ, keep_alive):
-        """Run the application on one complete request and send its response."""
+    def _handle(self, conn, environ, keep_alive, deadline=None):
+        """Run the application on one complete request and send its response.
+
+        With commit groups, a request that met another connection's write
+        lock is parked instead, and run again from the loop until ``deadline``
+        (its arrival plus the lock timeout), so that no wait for a lock ever
+        happens on this thread. Returns False when it was parked.
+        """
         started = time.perf_counter()
         if self._stopping or conn.closing:
             keep_alive = False
-        if self._store is not None and self._group is None:
-            # The group ends at the start of the loop's next turn, after the
-            # requests that arrived in this one.
-            self._group = self._store.start_commit_group()
-            self._loop.call_soon(self._end_group)
+        commits = self._commits
+        if commits is not None:
+            if self._group is None:
+                # The group ends at the start of the loop's next turn, after the
+                # requests that arrived in this one.
+                self._group = commits.start()
+                self._loop.call_soon(self._end_group)
+            if deadline is None:
+                deadline = time.monotonic() + commits.lock_timeout
+            pristine = environ.copy()  # the application adds to it
+            environ[RETRY_ON_LOCK_KEY] = True
         response = []
 
         def start_response(status, headers, exc_info=None):
@@ -2729,6 +2929,17 @@ class TaskServer:
             headers = _ERROR_HEADERS
             body = error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
+        if commits is not None and environ.get(MET_LOCK_KEY) and time.monotonic() < deadline:
+            conn.parked = (pristine, keep_alive, deadline, (status, headers, body))
+            self._parked.append(conn)
+            if self._retry is None:
+                self._retry = self._loop.call_later(_LOCK_RETRY_INTERVAL, self._retry_parked)
+            return False
+        self._answer(conn, environ, keep_alive, status, headers, body, started)
+        return True
+
+    def _answer(self, conn, environ, keep_alive, status, headers, body, started):
+        """Send a response, or hold it for the open commit group."""
         head_only = environ["REQUEST_METHOD"] == "HEAD"
         if head_only:
             body = b""
@@ -2751,6 +2962,38 @@ class TaskServer:
         if len(self._held) >= _GROUP_MAX_RESPONSES or self._held_bytes >= _GROUP_MAX_BYTES:
             self._end_group()
 
+    def _retry_parked(self):
+        """Run again, oldest first, the requests that met another connection's
+        write lock; send its 503 to each whose time is up."""
+        self._retry = None
+        parked, self._parked = self._parked, []
+        locked = False
+        for conn in parked:
+            if conn.parked is None or conn.transport.is_closing():
+                conn.parked = None
+                continue
+            environ, keep_alive, deadline, answer = conn.parked
+            expired = time.monotonic() >= deadline
+            if locked and not expired:
+                self._parked.append(conn)  # the lock is still held: no use trying now
+                continue
+            conn.parked = None
+            if expired:
+                self._log("%s - storage unavailable: database is locked by another "
+                          "connection; waited %g s" % (conn.peer, self._commits.lock_timeout))
+                self._answer(conn, environ, keep_alive, *answer, time.perf_counter())
+            else:
+                environ["wsgi.input"].seek(0)
+                if not self._handle(conn, dict(environ), keep_alive, deadline):
+                    locked = True
+                    continue
+            if conn.answered_one():
+                conn._process()  # its next requests, held back until now
+        if self._parked and self._retry is None:
+            soonest = min(conn.parked[2] for conn in self._parked) - time.monotonic()
+            self._retry = self._loop.call_later(
+                max(0.0, min(_LOCK_RETRY_INTERVAL, soonest)), self._retry_parked)
+
     def _close_when_answered(self, conn):
         """Close ``conn`` once its responses, held ones included, are sent."""
         if self._group is None:
@@ -2772,7 +3015,7 @@ class TaskServer:
         held, self._held, self._held_bytes = self._held, [], 0
         void = None  # the body that replaces answers that depended on a failed commit
         try:
-            self._store.finish_commit_group()
+            self._commits.finish()
         except sqlite3.Error as error:
             void = error_body("Service unavailable", _unavailable_message(error))
             self._log("- - storage unavailable: the commit of a group of writes failed: %s"
@@ -3357,7 +3600,7 @@ def main(argv=None):
             server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
                                 request_timeout=args.request_timeout,
                                 max_connections=args.max_connections,
-                                ssl_context=tls)
+                                ssl_context=tls, commits=CommitGroups(store))
         except OSError as error:
             print("genesy-tasks: cannot listen on %s:%s: %s"
                   % (args.host, args.port, error.strerror or error), file=sys.stderr)
