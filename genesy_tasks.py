@@ -3432,6 +3432,9 @@ def _build_parser():
            "seconds for a request's head and body to arrive, else 408")
     option("--busy-timeout", _seconds, DEFAULT_BUSY_TIMEOUT,
            "seconds a write waits for another writer's lock, then 503")
+    option("--checkpoint-pages", _whole_number, WAL_CHECKPOINT_PAGES,
+           "WAL pages past which a thread of the server checkpoints and truncates it; "
+           "0 leaves checkpoints to another process, such as Litestream")
     option("--tls-cert", str, None, "PEM certificate chain: serve HTTPS")
     option("--tls-key", str, None, "PEM private key of --tls-cert, if not in the same file")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -3600,7 +3603,8 @@ def main(argv=None):
             server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
                                 request_timeout=args.request_timeout,
                                 max_connections=args.max_connections,
-                                ssl_context=tls, commits=CommitGroups(store))
+                                ssl_context=tls,
+                                commits=CommitGroups(store, args.checkpoint_pages))
         except OSError as error:
             print("genesy-tasks: cannot listen on %s:%s: %s"
                   % (args.host, args.port, error.strerror or error), file=sys.stderr)

@@ -2563,6 +2563,122 @@ def test_a_database_locked_by_another_process_is_a_503_until_released(tmp_path):
                                                                  "before the lock"]
 
 
+def _timed(function, *args):
+    started = time.monotonic()
+    result = function(*args)
+    return result, time.monotonic() - started
+
+
+def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeout(tmp_path):
+    running = Server(tmp_path, "--busy-timeout", "1")
+    _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        results = {}
+
+        def create(name, delay):
+            time.sleep(delay)  # arrives this much after the first
+            results[name] = _timed(running.request, "POST", "/tasks", {"subject": name})
+
+        writers = [threading.Thread(target=create, args=("first", 0)),
+                   threading.Thread(target=create, args=("second", 0.4))]
+        for writer in writers:
+            writer.start()
+        # Meanwhile reads are answered at once, the writes' waits notwithstanding.
+        for _ in range(5):
+            (status, _, _), seconds = _timed(running.request, "GET", "/health")
+            assert status == 200 and seconds < 0.3
+            (status, _, _), seconds = _timed(running.request, "GET", "/tasks/" + kept["id"])
+            assert status == 200 and seconds < 0.3
+            time.sleep(0.05)
+        for writer in writers:
+            writer.join(timeout=10)
+        # Each write waited its own busy timeout from its own arrival: the
+        # second did not wait for the first's wait to end first.
+        for name in ("first", "second"):
+            (status, headers, body), seconds = results[name]
+            assert status == 503 and headers["Retry-After"] == "1", body
+            assert 0.9 < seconds < 1.5, (name, seconds)
+        # A write that arrives while the lock is held goes through once it is released.
+        waiting = threading.Thread(target=create, args=("released", 0))
+        waiting.start()
+        time.sleep(0.3)
+    finally:
+        locker.communicate("\n", timeout=10)
+    waiting.join(timeout=10)
+    (status, _, _), seconds = results["released"]
+    assert status == 201 and seconds < 0.9
+    assert running.request("POST", "/tasks", {"subject": "after"})[0] == 201
+    assert running.stop() == 0
+    with TaskStore(running.db) as store:
+        assert sorted(_subjects(store)) == ["after", "before the lock", "released"]
+
+
+_READER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN")
+conn.execute("SELECT count(*) FROM genesy_tasks").fetchone()  # a snapshot, held
+print("reading", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+def _wal_size(db):
+    try:
+        return os.path.getsize(db + "-wal")
+    except FileNotFoundError:
+        return 0
+
+
+def _create_many_over_http(running, count):
+    conn = running.connect()
+    for n in range(count):
+        assert running.request("POST", "/tasks", {"subject": "wal %d" % n, "description":
+                                                  "x" * 500}, conn=conn)[0] == 201
+    conn.close()
+
+
+def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(tmp_path):
+    pages = 100  # a 400 KB checkpoint size, so the test is quick
+    running = Server(tmp_path, "--checkpoint-pages", str(pages))
+    bound = pages * 4096
+    _create_many_over_http(running, 600)
+    # Without a long reader the WAL stays about the checkpoint size.
+    _wait_for(lambda: _wal_size(running.db) <= 2 * bound)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, running.db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout.readline() == "reading\n"
+        _create_many_over_http(running, 1500)
+        assert _wal_size(running.db) > 4 * bound  # pinned: it cannot be checkpointed
+        _wait_for(lambda: "long read transaction" in running.log())
+    finally:
+        reader.communicate("\n", timeout=10)
+    # Once the reader ends, the WAL is checkpointed and truncated within moments.
+    _wait_for(lambda: _wal_size(running.db) <= bound, timeout=5)
+    _wait_for(lambda: "checkpointed and truncated again" in running.log())
+    assert running.log().count("long read transaction") == 1
+    assert running.request("GET", "/health")[0] == 200
+    assert running.stop() == 0
+
+
+def test_the_event_loop_never_waits_on_sqlite_nor_runs_checkpoints(tasks_app, store):
+    with _server_thread(tasks_app) as server:
+        settings = _on_server_thread(server, lambda: [
+            store._connection().execute("PRAGMA %s" % name).fetchone()[0]
+            for name in ("busy_timeout", "wal_autocheckpoint")])
+        assert settings == [0, 0]
+    # Elsewhere (a CRM's threads), the store still waits and checkpoints as before.
+    conn = store._connection()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(store.busy_timeout * 1000)
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
+        genesy_tasks.WAL_CHECKPOINT_PAGES
+
+
 def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
     running = Server(tmp_path)
     created, completed, stop = [], [], threading.Event()
