@@ -35,6 +35,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -1033,8 +1034,12 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
 #: sets MET_LOCK_KEY beside its 503, and the server retries instead of sending it.
 RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
 MET_LOCK_KEY = "genesy_tasks.met_lock"
-# How often the checkpointer looks at the WAL's size.
+# How often the checkpointer looks at the WAL's length.
 _CHECKPOINT_INTERVAL = 0.05
+# PASSIVE checkpoints run until at most this many pages are left for the
+# RESTART that holds the write lock, or this many times.
+_CHECKPOINT_TAIL = 64
+_CHECKPOINT_PASSES = 6
 # Past this many times the checkpoint size, a WAL that cannot be checkpointed
 # (another connection's long read transaction pins it) is reported.
 _WAL_WARNING_FACTOR = 4
@@ -1091,13 +1096,19 @@ class CommitGroups:
 class _Checkpointer(threading.Thread):
     """Keeps a WAL that the event loop's commits never checkpoint bounded.
 
-    When the WAL passes the checkpoint size, a PASSIVE checkpoint copies its
-    pages into the database without blocking anyone; then a TRUNCATE
-    checkpoint, which takes the write lock only if it is free at once, copies
-    the few pages written meanwhile and gives the file's space back. Writers
-    that meet that lock are retried by the server. A reader that pins old pages
-    (another connection's long read transaction) stops both from finishing:
-    that is reported once, and the WAL shrinks as soon as the reader ends.
+    It reads the WAL's length from the wal-index (the -shm file, whose layout
+    SQLite documents in "WAL-mode File Format"). Past the checkpoint size,
+    PASSIVE checkpoints copy pages into the database without blocking anyone,
+    until few are left; then a RESTART checkpoint, which takes the write lock
+    only if it is free at once, copies those few and lets the next commit
+    start the WAL file over. Writers that meet that lock are retried by the
+    server, so its brief hold costs them little. A WAL file left larger than
+    _WAL_WARNING_FACTOR times the checkpoint size is truncated instead
+    (TRUNCATE).
+
+    A reader that pins old pages (another connection's long read
+    transaction) stops all of this: that is reported once, and everything is
+    given back as soon as the reader ends.
     """
 
     def __init__(self, conn, path, pages, log):
@@ -1113,24 +1124,45 @@ class _Checkpointer(threading.Thread):
     def run(self):
         conn = self.conn
         try:
-            limit = self.pages * conn.execute("PRAGMA page_size").fetchone()[0]
+            self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             while not self._stopping.wait(_CHECKPOINT_INTERVAL):
-                self._checkpoint_if_needed(conn, limit)
+                self._checkpoint_if_needed(conn)
         except sqlite3.Error as error:
             self.log("- - WAL checkpoints stopped: %s" % error)
         finally:
             conn.close()
 
-    def _checkpoint_if_needed(self, conn, limit):
+    def _wal_frames(self):
+        """(frames in the WAL, frames already copied into the database), or None."""
         try:
-            size = os.stat(self.path + "-wal").st_size
+            with open(self.path + "-shm", "rb") as index:
+                header = index.read(100)
         except OSError:
-            return
-        if size < limit:
+            return None
+        if len(header) < 100:
+            return None
+        # mxFrame at byte 16 of the header, nBackfill at 96, in native order.
+        return struct.unpack_from("=I", header, 16)[0], struct.unpack_from("=I", header, 96)[0]
+
+    def _checkpoint_if_needed(self, conn):
+        frames = self._wal_frames()
+        if frames is None or frames[0] < self.pages:
             return
         try:
-            _, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            for _ in range(_CHECKPOINT_PASSES):
+                _, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                frames = self._wal_frames()
+                if copied < log or frames is None or frames[0] - copied < _CHECKPOINT_TAIL:
+                    break  # a reader pins the rest, or little is left for RESTART
+            try:
+                size = os.path.getsize(self.path + "-wal")
+            except OSError:
+                size = 0
+            # Truncating costs the next commits a file to extend again: only a
+            # WAL that a long reader let grow is given back.
+            mode = ("TRUNCATE" if size > _WAL_WARNING_FACTOR * self.pages * self.page_size
+                    else "RESTART")
+            busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
         except sqlite3.Error as error:  # a full disk, say: tried again on the next tick
             self.log("- - WAL checkpoint failed: %s" % error)
             return
@@ -1139,12 +1171,13 @@ class _Checkpointer(threading.Thread):
                 self._warned = False
                 self.log("- - the WAL is checkpointed and truncated again: "
                          "the read transaction that pinned it ended")
-        elif copied < log and size >= _WAL_WARNING_FACTOR * limit and not self._warned:
+        elif copied < log and log >= _WAL_WARNING_FACTOR * self.pages and not self._warned:
             # PASSIVE copies every page no reader still needs: some do.
             self._warned = True
-            self.log("- - warning: the WAL file %s-wal is %d MB and cannot be checkpointed: "
-                     "another connection holds a long read transaction (a report or a "
-                     "backup?); it shrinks once that ends" % (self.path, size // 1_000_000))
+            self.log("- - warning: the WAL of %s has grown to %d MB and cannot be "
+                     "checkpointed: another connection holds a long read transaction (a "
+                     "report or a backup?); it shrinks once that ends"
+                     % (self.path, log * self.page_size // 1_000_000))
 
 
 ###############################################################################
