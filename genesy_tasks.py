@@ -1093,6 +1093,27 @@ class CommitGroups:
         self.store.finish_commit_group()
 
 
+_descriptors = {}  # (path, inode): a descriptor kept open until the process ends
+_descriptors_lock = threading.Lock()
+
+
+def _descriptor(path):
+    """A read-only descriptor of one of SQLite's files, never closed.
+
+    Closing any descriptor of a file releases every POSIX lock this process
+    holds on it, SQLite's included: another process could then take the
+    database for unused and reset its shared memory under this one (SQLite's
+    "How To Corrupt An SQLite Database File", 2.2). So a descriptor opened
+    here stays open, one per file (by inode) for the life of the process.
+    """
+    inode = os.stat(path).st_ino
+    with _descriptors_lock:
+        fd = _descriptors.get((path, inode))
+        if fd is None:
+            fd = _descriptors[path, inode] = os.open(path, os.O_RDONLY)
+        return fd
+
+
 class _Checkpointer(threading.Thread):
     """Keeps a WAL that the event loop's commits never checkpoint bounded.
 
@@ -1124,12 +1145,6 @@ class _Checkpointer(threading.Thread):
     def run(self):
         conn = self.conn
         try:
-            self.database_fd = os.open(self.path, os.O_RDONLY)
-        except OSError as error:
-            self.log("- - WAL checkpoints are off: cannot open %s: %s" % (self.path, error))
-            conn.close()
-            return
-        try:
             self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             while not self._stopping.wait(_CHECKPOINT_INTERVAL):
                 self._checkpoint_if_needed(conn)
@@ -1137,13 +1152,11 @@ class _Checkpointer(threading.Thread):
             self.log("- - WAL checkpoints stopped: %s" % error)
         finally:
             conn.close()
-            os.close(self.database_fd)
 
     def _wal_frames(self):
         """(frames in the WAL, frames already copied into the database), or None."""
         try:
-            with open(self.path + "-shm", "rb") as index:
-                header = index.read(100)
+            header = os.pread(_descriptor(self.path + "-shm"), 100, 0)
         except OSError:
             return None
         if len(header) < 100:
@@ -1166,7 +1179,7 @@ class _Checkpointer(threading.Thread):
             # all be synced by the RESTART, with the write lock held. Sync
             # them now, holding nothing.
             with contextlib.suppress(OSError):
-                os.fsync(self.database_fd)
+                os.fsync(_descriptor(self.path))
             try:
                 size = os.path.getsize(self.path + "-wal")
             except OSError:
@@ -2518,11 +2531,51 @@ class _Connection(asyncio.Protocol):
                                      self.peer)
         self.number = next(self.server._arrivals)
         self.server._connections.add(self)
+        self._timer = self.server._loop.call_later(self.server.request_timeout, self._on_timer)
         self.server._budget(self)  # not read at all while the budget is spent
 
     def connection_lost(self, exc):
+        self._timer.cancel()
         self.reader = _RequestReader({}, 0)  # what it held is let go
         self.server._connection_closed(self)
+
+    def _on_timer(self):
+        """This connection's timeouts: a request that does not arrive in time, a
+        connection idle too long, the end of a linger.
+
+        The timer is not moved on every request: it fires at the latest one
+        request timeout after it was set, and then looks at the connection's
+        times (request_started, idle_since), set as requests come and go, to
+        act or to set itself again for what is left.
+        """
+        server, now = self.server, time.monotonic()
+        if self.linger_until is not None:
+            due = self.linger_until
+            if now >= due:
+                self.transport.abort()
+                return
+        elif (self.starved and not server._stopping) or self.parked is not None:
+            due = now + server.request_timeout  # waiting for the server: not its fault
+        elif self.request_started is not None:
+            due = self.request_started + server.request_timeout
+            if now >= due:
+                self.finish_with_error(
+                    408, "Request timeout",
+                    "the request did not arrive within %g seconds" % server.request_timeout)
+                return
+        else:
+            due = self.idle_since + (server.keepalive_timeout if self.answered
+                                     else server.request_timeout)
+            if now >= due or server._stopping:
+                server._end_group()  # its last answer may be held
+                self.transport.close()  # idle kept-alive, or new and silent
+                return
+        server._feed_starved()  # in case the one let in last had nothing to send
+        self._set_timer(min(due - now, server.request_timeout))
+
+    def _set_timer(self, delay):
+        self._timer.cancel()
+        self._timer = self.server._loop.call_later(delay, self._on_timer)
 
     # No exception may escape a protocol callback: asyncio would drop the
     # connection with nothing sent, answers held for earlier requests
@@ -2619,13 +2672,14 @@ class _Connection(asyncio.Protocol):
         self.reader = _RequestReader({}, 0)  # nothing more is parsed
         server._budget(self)
         self.linger_until = time.monotonic() + _LINGER_SECONDS
+        self._set_timer(_LINGER_SECONDS)
         if self.starved:  # draining holds nothing: read on
             self.starved = False
             if not self.write_paused:
                 self.transport.resume_reading()
         # A client still sending its body would see a reset, not the answer, if
         # the connection closed now: it stays open, its input read and dropped,
-        # until the client closes it or the linger ends (see _sweep). TLS has no
+        # until the client closes it or the linger ends (_on_timer). TLS has no
         # half-close, so there the client learns the end from Content-Length.
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -2699,7 +2753,6 @@ class TaskServer:
         self._date_second = None
         self._date_header = ""
         self._stopped = self._loop.create_future()
-        self._sweeper = None
         self._commits = commits  # a CommitGroups, or None: no groups, no lock retries
         self._group = None   # the open commit group
         self._parked = []    # connections whose request waits for another's write lock
@@ -2851,7 +2904,6 @@ class TaskServer:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self._begin_shutdown)
-        self._sweeper = loop.call_later(1.0, self._sweep)
         if self._commits is not None:
             self._commits.open(lambda line: loop.call_soon_threadsafe(self._log, line))
         self._slot_freed = asyncio.Event()
@@ -2864,7 +2916,6 @@ class TaskServer:
             if self._commits is not None:
                 self._commits.close()
                 loop.run_until_complete(asyncio.sleep(0))  # its last log lines
-            self._sweeper.cancel()
             self._socket.close()
             self._flush_log()
             if threading.current_thread() is threading.main_thread():
@@ -2910,27 +2961,6 @@ class TaskServer:
         if self._accepting is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
-
-    def _sweep(self):
-        """Once a second: time out stalled requests, idle connections and lingering closes."""
-        self._end_group()  # before closing anything
-        now = time.monotonic()
-        for conn in list(self._connections):
-            if conn.linger_until is not None:
-                if now > conn.linger_until:
-                    conn.transport.abort()
-            elif (conn.starved and not self._stopping) or conn.parked is not None:
-                continue  # waiting for the buffer budget or a lock: the wait is ours
-            elif conn.request_started is not None:
-                if now - conn.request_started > self.request_timeout:
-                    conn.finish_with_error(
-                        408, "Request timeout",
-                        "the request did not arrive within %g seconds" % self.request_timeout)
-            elif (now - conn.idle_since > (self.keepalive_timeout if conn.answered
-                                           else self.request_timeout) or self._stopping):
-                conn.transport.close()  # idle kept-alive, or new and silent
-        self._feed_starved()  # in case the one let in last had nothing to send
-        self._sweeper = self._loop.call_later(1.0, self._sweep)
 
     # -- requests ---------------------------------------------------------------
 

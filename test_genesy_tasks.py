@@ -2648,7 +2648,7 @@ def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(t
     bound = pages * 4096
     _create_many_over_http(running, 600)
     # Without a long reader the WAL stays about the checkpoint size.
-    _wait_for(lambda: _wal_size(running.db) <= 2 * bound)
+    _wait_for(lambda: _wal_size(running.db) <= 4 * bound)
     reader = subprocess.Popen([sys.executable, "-c", _READER, running.db], text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -2663,6 +2663,42 @@ def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(t
     _wait_for(lambda: "checkpointed and truncated again" in running.log())
     assert running.log().count("long read transaction") == 1
     assert running.request("GET", "/health")[0] == 200
+    assert running.stop() == 0
+
+
+_OPEN_AND_CLOSE = """
+import sqlite3, sys
+for _ in range(40):  # each time this process's last connection closes
+    conn = sqlite3.connect(sys.argv[1])
+    conn.execute("SELECT count(*) FROM genesy_tasks").fetchone()
+    conn.close()
+"""
+
+
+def test_checkpoints_survive_other_processes_opening_and_closing_the_file(tmp_path):
+    # The checkpointer reads SQLite's files itself; were it to close a
+    # descriptor of one, this process's locks on it would go, and another
+    # process closing its last connection could reset the shared memory
+    # under the server (a SIGBUS, seen with a backup during writes).
+    running = Server(tmp_path, "--checkpoint-pages", "50")
+    stop, statuses = threading.Event(), []
+
+    def writer():
+        conn = running.connect()
+        while not stop.is_set():
+            statuses.append(running.request("POST", "/tasks", {"subject": "w" * 300},
+                                            conn=conn)[0])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(3):
+            subprocess.run([sys.executable, "-c", _OPEN_AND_CLOSE, running.db], check=True,
+                           timeout=30)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert statuses and set(statuses) == {201}
     assert running.stop() == 0
 
 
@@ -2925,7 +2961,7 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
 
     failures = []
     for operation, mode in itertools.product(operations, list(schemathesis.GenerationMode)):
-        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)))
+        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 30)))
         @given(case=operation.as_strategy(generation_mode=mode))
         def call(case):
             # The positive-data check cannot know that a key already used with
