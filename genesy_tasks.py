@@ -478,6 +478,9 @@ class TaskStore:
         self._local = threading.local()
         self._connections = []
         self._connections_lock = threading.Lock()
+        # Set by a checkpointer that needs the write lock for a moment: commit
+        # groups begin no transaction meanwhile (their writes wait as if locked).
+        self._groups_paused = threading.Event()
         self._create_file()
         try:
             # Look before anything writes (WAL mode included): a file this
@@ -565,12 +568,13 @@ class TaskStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
 
-    @staticmethod
     @contextlib.contextmanager
-    def _savepoint(conn, group, one_statement):
+    def _savepoint(self, conn, group, one_statement):
         if group.lost is not None:
             raise group.lost  # a new transaction now would outlive the group
         if group.connection is None:
+            if self._groups_paused.is_set():
+                raise sqlite3.OperationalError("database is locked (for a checkpoint)")
             conn.execute("BEGIN IMMEDIATE")
             group.connection = conn
         if not one_statement:
@@ -1040,6 +1044,8 @@ _CHECKPOINT_INTERVAL = 0.05
 # RESTART that holds the write lock, or this many times.
 _CHECKPOINT_TAIL = 64
 _CHECKPOINT_PASSES = 6
+# How long that RESTART may wait for the write lock and for readers to move on.
+_CHECKPOINT_LOCK_WAIT_MS = 50
 # Past this many times the checkpoint size, a WAL that cannot be checkpointed
 # (another connection's long read transaction pins it) is reported.
 _WAL_WARNING_FACTOR = 4
@@ -1078,7 +1084,10 @@ class CommitGroups:
             except sqlite3.Error as error:
                 log("- - WAL checkpoints are off: cannot open %s: %s" % (self.store.path, error))
                 return
-            self._checkpointer = _Checkpointer(conn, self.store.path, self.checkpoint_pages, log)
+            for path in (self.store.path, self.store.path + "-shm"):
+                with contextlib.suppress(OSError):
+                    _descriptor(path)  # opened now, so the server's descriptors stay put
+            self._checkpointer = _Checkpointer(conn, self.store, self.checkpoint_pages, log)
             self._checkpointer.start()
 
     def close(self):
@@ -1132,9 +1141,10 @@ class _Checkpointer(threading.Thread):
     given back as soon as the reader ends.
     """
 
-    def __init__(self, conn, path, pages, log):
+    def __init__(self, conn, store, pages, log):
         super().__init__(name="genesy-tasks checkpointer", daemon=True)
-        self.conn, self.path, self.pages, self.log = conn, path, pages, log
+        self.conn, self.path, self.pages, self.log = conn, store.path, pages, log
+        self._groups_paused = store._groups_paused
         self._stopping = threading.Event()
         self._warned = False
 
@@ -1174,6 +1184,9 @@ class _Checkpointer(threading.Thread):
                 frames = self._wal_frames()
                 if copied < log or frames is None or frames[0] - copied < _CHECKPOINT_TAIL:
                     break  # a reader pins the rest, or little is left for RESTART
+            else:
+                if frames[0] < 2 * self.pages:
+                    return  # writes outran the passes: the RESTART would hold the lock long
             # Under steady writes a PASSIVE checkpoint never sees the WAL's
             # end, and so never syncs the database: the pages it copied would
             # all be synced by the RESTART, with the write lock held. Sync
@@ -1188,7 +1201,20 @@ class _Checkpointer(threading.Thread):
             # WAL that a long reader let grow is given back.
             mode = ("TRUNCATE" if size > _WAL_WARNING_FACTOR * self.pages * self.page_size
                     else "RESTART")
-            busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
+            if copied < log:
+                busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
+            else:
+                # Nothing pins the WAL: let the server's current commit group
+                # end and start no other (its writes wait, as for any lock)
+                # while the RESTART takes the write lock and copies the last
+                # few pages. Waiting a moment is fine here, on this thread.
+                self._groups_paused.set()
+                conn.execute("PRAGMA busy_timeout = %d" % _CHECKPOINT_LOCK_WAIT_MS)
+                try:
+                    busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
+                finally:
+                    conn.execute("PRAGMA busy_timeout = 0")
+                    self._groups_paused.clear()
         except sqlite3.Error as error:  # a full disk, say: tried again on the next tick
             self.log("- - WAL checkpoint failed: %s" % error)
             return
