@@ -13,7 +13,7 @@ command line, :func:`main`.
 Runtime dependencies: Bottle and the standard library.
 """
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 import argparse
 import asyncio
@@ -1064,8 +1064,8 @@ class CommitGroups:
     - ``lock_timeout``: seconds a request may wait for another connection's
       write lock before its 503 is sent (the store's busy timeout).
 
-    ``checkpoint_pages`` is the WAL size, in pages, past which it is copied
-    into the database and then truncated; 0 leaves checkpoints to another
+    ``checkpoint_pages`` is the WAL length, in pages, past which it is copied
+    into the database and started over; 0 leaves checkpoints to another
     process (Litestream, say).
     """
 
@@ -2515,6 +2515,7 @@ _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
 _RETRY_HEADERS = _ERROR_HEADERS + [("Retry-After", "1")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
+_READS = frozenset(("GET", "HEAD"))
 # How often requests that met another connection's write lock are run again.
 _LOCK_RETRY_INTERVAL = 0.002
 # A commit group (see TaskServer._handle) ends early after this many
@@ -2721,11 +2722,15 @@ class TaskServer:
     threads take turns anyway), while no client can hold up another by being
     slow to send or to read.
 
-    For the app of make_app(), the writes of all requests handled in one turn
+    It serves any WSGI application. Given ``commits`` (a CommitGroups of the
+    application's TaskStore), the writes of all requests handled in one turn
     of the loop commit together, once (TaskStore.start_commit_group), and
     their responses are sent after that COMMIT: one commit per turn rather
     than per request, and nothing is acknowledged before it is committed.
     If the commit fails, every response that depended on it becomes a 503.
+    A request that meets another connection's write lock is run again from
+    the loop until it goes through or its lock timeout has passed; the loop
+    itself never waits on SQLite, and checkpoints run on another thread.
 
     At most ``max_connections`` connections are open at once; more wait in
     the kernel's listen queue, unanswered but not refused, until one closes.
@@ -3008,10 +3013,13 @@ class TaskServer:
                 # requests that arrived in this one.
                 self._group = commits.start()
                 self._loop.call_soon(self._end_group)
-            if deadline is None:
-                deadline = time.monotonic() + commits.lock_timeout
-            pristine = environ.copy()  # the application adds to it
-            environ[RETRY_ON_LOCK_KEY] = True
+            if environ["REQUEST_METHOD"] not in _READS:
+                # Writes meet other writers' locks; reads, in WAL mode, all but
+                # never do (and then get their 503 at once).
+                if deadline is None:
+                    deadline = time.monotonic() + commits.lock_timeout
+                pristine = environ.copy()  # the application adds to it
+                environ[RETRY_ON_LOCK_KEY] = True
         response = []
 
         def start_response(status, headers, exc_info=None):
