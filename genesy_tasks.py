@@ -308,14 +308,25 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 def _never_reuse_positions(conn):
     """Schema 3: seq becomes AUTOINCREMENT, which SQLite gives a table only when
     it is created. The table is rebuilt as SQLite's documented procedure for
-    other schema changes says, and the indexes and triggers a CRM attached to
-    it are created again as they were."""
+    other schema changes says: from its own CREATE statement, so that columns
+    a CRM added to it stay, and with the indexes and triggers a CRM attached to
+    it created again as they were."""
+    create = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                          "AND name = 'genesy_tasks'").fetchone()[0]
+    create, found = re.subn(r"(?i)^(\s*CREATE\s+TABLE\s+)[\"`\[]?genesy_tasks[\"`\]]?",
+                            r"\1genesy_tasks_new", create)
+    create, primary = re.subn(r"(?i)\bseq\s+INTEGER\s+PRIMARY\s+KEY\b",
+                              "seq INTEGER PRIMARY KEY AUTOINCREMENT", create)
+    if not (found and primary == 1):
+        raise sqlite3.DatabaseError("cannot upgrade its genesy_tasks table to schema 3: "
+                                    "its definition is not one genesy-tasks made")
     attached = [sql for (sql,) in conn.execute(
         "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') "
         "AND tbl_name = 'genesy_tasks' AND sql IS NOT NULL")]
-    conn.execute(_SCHEMA.split(";")[0].replace("TABLE genesy_tasks", "TABLE genesy_tasks_new", 1))
-    columns = ", ".join(column for _, column in _FIELD_COLUMNS if column) + ", due_utc"
-    conn.execute("INSERT INTO genesy_tasks_new (seq, %s) SELECT seq, %s FROM genesy_tasks"
+    conn.execute(create)
+    columns = ", ".join('"%s"' % row[1].replace('"', '""')
+                        for row in conn.execute("PRAGMA table_info(genesy_tasks)"))
+    conn.execute("INSERT INTO genesy_tasks_new (%s) SELECT %s FROM genesy_tasks"
                  % (columns, columns))
     conn.execute("DROP TABLE genesy_tasks")
     # Legacy renaming: a CRM's view or trigger that names genesy_tasks names
@@ -594,6 +605,10 @@ class TaskStore:
                     conn.execute("ROLLBACK TO genesy_write")
                     conn.execute("RELEASE genesy_write")
             raise
+
+    def checkpoint_in_commits(self, pages):
+        """Let this thread's commits checkpoint the WAL past ``pages``, as SQLite does."""
+        self._connection().execute("PRAGMA wal_autocheckpoint = %d" % pages)
 
     def never_wait_on_this_thread(self):
         """Make this thread's connection fail at once where it would wait.
@@ -1081,13 +1096,18 @@ class CommitGroups:
             try:
                 conn = sqlite3.connect(self.store.path, timeout=0, isolation_level=None,
                                        check_same_thread=False)
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
             except sqlite3.Error as error:
-                log("- - WAL checkpoints are off: cannot open %s: %s" % (self.store.path, error))
+                # Better checkpoints on the loop than a WAL that grows for ever.
+                log("- - checkpoints run in commits: no checkpointer thread: %s" % error)
+                self.store.checkpoint_in_commits(self.checkpoint_pages)
                 return
             for path in (self.store.path, self.store.path + "-shm"):
                 with contextlib.suppress(OSError):
                     _descriptor(path)  # opened now, so the server's descriptors stay put
-            self._checkpointer = _Checkpointer(conn, self.store, self.checkpoint_pages, log)
+            self._checkpointer = _Checkpointer(conn, page_size, self.store,
+                                               self.checkpoint_pages, log)
             self._checkpointer.start()
 
     def close(self):
@@ -1141,27 +1161,29 @@ class _Checkpointer(threading.Thread):
     given back as soon as the reader ends.
     """
 
-    def __init__(self, conn, store, pages, log):
+    def __init__(self, conn, page_size, store, pages, log):
         super().__init__(name="genesy-tasks checkpointer", daemon=True)
-        self.conn, self.path, self.pages, self.log = conn, store.path, pages, log
+        self.conn, self.page_size, self.path = conn, page_size, store.path
+        self.pages, self.log = pages, log
         self._groups_paused = store._groups_paused
         self._stopping = threading.Event()
-        self._warned = False
+        self._warned = False   # about a pinned WAL
+        self._failing = False  # checkpoints fail (a full disk, say)
 
     def stop(self):
         self._stopping.set()
         self.join()
 
     def run(self):
-        conn = self.conn
         try:
-            self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             while not self._stopping.wait(_CHECKPOINT_INTERVAL):
-                self._checkpoint_if_needed(conn)
-        except sqlite3.Error as error:
-            self.log("- - WAL checkpoints stopped: %s" % error)
+                try:
+                    self._checkpoint_if_needed(self.conn)
+                except Exception:  # a bug: said, and the next tick tries again
+                    self.log("- - WAL checkpointer: %s"
+                             % traceback.format_exc().strip().splitlines()[-1])
         finally:
-            conn.close()
+            self.conn.close()
 
     def _wal_frames(self):
         """(frames in the WAL, frames already copied into the database), or None."""
@@ -1185,8 +1207,11 @@ class _Checkpointer(threading.Thread):
                 if copied < log or frames is None or frames[0] - copied < _CHECKPOINT_TAIL:
                     break  # a reader pins the rest, or little is left for RESTART
             else:
+                # Writes outran the passes: a RESTART now would hold the write
+                # lock while it copies many pages. Wait for a quieter moment,
+                # unless the WAL is already twice as long as it should be.
                 if frames[0] < 2 * self.pages:
-                    return  # writes outran the passes: the RESTART would hold the lock long
+                    return
             # Under steady writes a PASSIVE checkpoint never sees the WAL's
             # end, and so never syncs the database: the pages it copied would
             # all be synced by the RESTART, with the write lock held. Sync
@@ -1202,26 +1227,38 @@ class _Checkpointer(threading.Thread):
             mode = ("TRUNCATE" if size > _WAL_WARNING_FACTOR * self.pages * self.page_size
                     else "RESTART")
             if copied < log:
+                # A reader still needs pages: the RESTART cannot finish, so it
+                # is tried without waiting, and copies what it can.
                 busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
             else:
                 # Nothing pins the WAL: let the server's current commit group
                 # end and start no other (its writes wait, as for any lock)
                 # while the RESTART takes the write lock and copies the last
                 # few pages. Waiting a moment is fine here, on this thread.
-                self._groups_paused.set()
-                conn.execute("PRAGMA busy_timeout = %d" % _CHECKPOINT_LOCK_WAIT_MS)
                 try:
+                    self._groups_paused.set()
+                    conn.execute("PRAGMA busy_timeout = %d" % _CHECKPOINT_LOCK_WAIT_MS)
                     busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
+                    if not busy:
+                        # The first commit into a restarted WAL writes and syncs
+                        # its new header: this thread makes it, not the loop.
+                        conn.execute("INSERT OR REPLACE INTO genesy_meta VALUES "
+                                     "('wal_restarted', strftime('%Y-%m-%dT%H:%M:%fZ'))")
                 finally:
-                    conn.execute("PRAGMA busy_timeout = 0")
                     self._groups_paused.clear()
+                    conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as error:  # a full disk, say: tried again on the next tick
-            self.log("- - WAL checkpoint failed: %s" % error)
+            if not self._failing:  # once, not every tick
+                self._failing = True
+                self.log("- - WAL checkpoint failed, retrying: %s" % error)
             return
+        if self._failing:
+            self._failing = False
+            self.log("- - WAL checkpoints work again")
         if not busy:
             if self._warned:
                 self._warned = False
-                self.log("- - the WAL is checkpointed and truncated again: "
+                self.log("- - the WAL is checkpointed and started over again: "
                          "the read transaction that pinned it ended")
         elif copied < log and log >= _WAL_WARNING_FACTOR * self.pages and not self._warned:
             # PASSIVE copies every page no reader still needs: some do.
@@ -2547,6 +2584,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "-"
         self.tls = False
         self.parked = None          # a request waiting for another connection's write lock
+        self.eof = False            # the client half-closed: it sends nothing more
 
     def connection_made(self, transport):
         self.transport = transport
@@ -2614,7 +2652,7 @@ class _Connection(asyncio.Protocol):
         try:
             if self.request_started is None:
                 self.request_started = time.monotonic()
-            self.reader.feed(data)
+            self.reader.buffer += data  # feed(), without the call on the hot path
             self._process()
             self.server._budget(self)
         except Exception:
@@ -2623,10 +2661,8 @@ class _Connection(asyncio.Protocol):
     def eof_received(self):
         # The client half-closed: answer what has fully arrived, then close.
         try:
-            self.closing = True
+            self.eof = True
             self._process()
-            if self.parked is None:  # else it closes once that request is answered
-                self.server._close_when_answered(self)
         except Exception:
             self._failed()
         return not self.tls  # a TLS transport cannot stay half-open
@@ -2663,16 +2699,19 @@ class _Connection(asyncio.Protocol):
                 request = reader.next_request()
             except RequestError as error:
                 self.finish_with_error(error.status, error.title, error.message)
-                return
+                break
             if request is None:
-                if reader.expect_continue:
+                if reader.expect_continue and not self.eof:
                     # curl and others wait for it before sending a large body.
                     server._end_group()  # answers held for earlier requests go first
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     reader.expect_continue = False
-                return
+                break
             if not server._handle(self, *request) or not self.answered_one():
                 return
+        if self.eof and self.parked is None and not self.write_paused:
+            # The client sent all it will: what fully arrived is answered.
+            server._close_when_answered(self)
 
     def answered_one(self):
         """Count an answer; False if the connection is to close after it."""
@@ -2965,7 +3004,13 @@ class TaskServer:
         self._end_group()  # idle connections are closed below: send their answers
         if self._accepting is not None:
             self._accepting.cancel()
+        # A request waiting for another connection's lock waits no longer than
+        # the drain does, so that it gets its 503 rather than a reset.
+        latest = time.monotonic() + self.shutdown_timeout / 2
         for conn in list(self._connections):
+            if conn.parked is not None:
+                environ, keep_alive, deadline, answer = conn.parked
+                conn.parked = (environ, keep_alive, min(deadline, latest), answer)
             if conn.request_started is None and conn.linger_until is None:
                 conn.transport.close()  # idle keep-alive: flushes, then closes
             else:
@@ -3039,14 +3084,21 @@ class TaskServer:
             headers = _ERROR_HEADERS
             body = error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
-        if commits is not None and environ.get(MET_LOCK_KEY) and time.monotonic() < deadline:
-            conn.parked = (pristine, keep_alive, deadline, (status, headers, body))
-            self._parked.append(conn)
-            if self._retry is None:
-                self._retry = self._loop.call_later(_LOCK_RETRY_INTERVAL, self._retry_parked)
-            return False
+        if commits is not None and environ.get(MET_LOCK_KEY):
+            if time.monotonic() < deadline:
+                conn.parked = (pristine, keep_alive, deadline, (status, headers, body))
+                self._parked.append(conn)
+                if self._retry is None:
+                    self._retry = self._loop.call_later(_LOCK_RETRY_INTERVAL,
+                                                        self._retry_parked)
+                return False
+            self._log_lock_timeout(conn)
         self._answer(conn, environ, keep_alive, status, headers, body, started)
         return True
+
+    def _log_lock_timeout(self, conn):
+        self._log("%s - storage unavailable: database is locked by another connection; "
+                  "waited %g s" % (conn.peer, self._commits.lock_timeout))
 
     def _answer(self, conn, environ, keep_alive, status, headers, body, started):
         """Send a response, or hold it for the open commit group."""
@@ -3088,17 +3140,21 @@ class TaskServer:
                 self._parked.append(conn)  # the lock is still held: no use trying now
                 continue
             conn.parked = None
-            if expired:
-                self._log("%s - storage unavailable: database is locked by another "
-                          "connection; waited %g s" % (conn.peer, self._commits.lock_timeout))
-                self._answer(conn, environ, keep_alive, *answer, time.perf_counter())
-            else:
-                environ["wsgi.input"].seek(0)
-                if not self._handle(conn, dict(environ), keep_alive, deadline):
-                    locked = True
-                    continue
-            if conn.answered_one():
-                conn._process()  # its next requests, held back until now
+            try:
+                if expired:
+                    self._log_lock_timeout(conn)
+                    keep_alive = keep_alive and not (self._stopping or conn.closing)
+                    self._answer(conn, environ, keep_alive, *answer, time.perf_counter())
+                else:
+                    environ["wsgi.input"].seek(0)
+                    if not self._handle(conn, dict(environ), keep_alive, deadline):
+                        locked = True
+                        continue
+                if conn.answered_one():
+                    conn._process()  # its next requests, held back until now
+                self._budget(conn)
+            except Exception:
+                conn._failed()
         if self._parked and self._retry is None:
             soonest = min(conn.parked[2] for conn in self._parked) - time.monotonic()
             self._retry = self._loop.call_later(

@@ -642,6 +642,9 @@ CREATE TRIGGER crm_on_delete AFTER DELETE ON genesy_tasks
     BEGIN INSERT INTO crm_log VALUES (old.id); END;
 CREATE INDEX crm_by_type ON genesy_tasks (type);
 CREATE VIEW crm_open_tasks AS SELECT id FROM genesy_tasks WHERE completed_at IS NULL;
+ALTER TABLE genesy_tasks ADD COLUMN crm_deal_id TEXT DEFAULT 'none';
+UPDATE genesy_tasks SET crm_deal_id = 'deal-' || id WHERE id = 'task-a';
+CREATE INDEX crm_by_deal ON genesy_tasks (crm_deal_id);
 """
 
 
@@ -679,8 +682,10 @@ def test_a_release_2_database_is_upgraded_and_its_cursors_never_skip(db_path):
     assert conn.execute("SELECT task_id FROM crm_log ORDER BY task_id").fetchall() == [
         ("task-b",), ("task-c",)]
     assert conn.execute("SELECT count(*) FROM crm_open_tasks").fetchone()[0] == 2
+    assert conn.execute("SELECT id, crm_deal_id FROM genesy_tasks ORDER BY seq").fetchall()[:1] \
+        == [("task-a", "deal-task-a")]  # a column the CRM added stays, with its data
     names = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"crm_by_type", "crm_on_delete", "genesy_tasks_owner", "genesy_tasks_contact",
+    assert {"crm_by_type", "crm_by_deal", "crm_on_delete", "genesy_tasks_owner", "genesy_tasks_contact",
             "genesy_tasks_company"} <= names and "genesy_tasks_new" not in names
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
@@ -2616,6 +2621,48 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
         assert sorted(_subjects(store)) == ["after", "before the lock", "released"]
 
 
+def test_requests_pipelined_behind_a_waiting_write_are_answered_after_a_half_close(tmp_path):
+    running = Server(tmp_path)
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        with socket.create_connection((running.host, running.port), timeout=10) as sock:
+            sock.sendall(_request_bytes("POST", "/tasks", {"subject": "first"})
+                         + _health() + _health())
+            sock.shutdown(socket.SHUT_WR)  # all it will send: answer it all, then close
+            time.sleep(0.3)
+            locker.communicate("\n", timeout=10)
+            answers = _answers(_read_all(sock))
+    finally:
+        if locker.poll() is None:
+            locker.communicate("\n", timeout=10)
+    assert [answer[0] for answer in answers] == [201, 200, 200]
+    assert running.stop() == 0
+
+
+def test_at_shutdown_a_write_waiting_for_a_lock_gets_its_503_not_a_reset(db_path):
+    store = TaskStore(db_path, busy_timeout=60)
+    application = make_app(store, api_keys=KEY)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with _server_thread(application, shutdown_timeout=1) as server:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(_request_bytes("POST", "/tasks", {"subject": "waits"}))
+                time.sleep(0.1)  # it is waiting for the lock
+                started = time.monotonic()
+                server.shutdown()
+                answers = _answers(_read_all(sock))
+                assert time.monotonic() - started < 1
+        assert [answer[0] for answer in answers] == [503]
+        assert answers[0][1]["Connection"] == "close" and answers[0][1]["Retry-After"] == "1"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        application.close()
+
+
 _READER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -2660,7 +2707,7 @@ def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(t
         reader.communicate("\n", timeout=10)
     # Once the reader ends, the WAL is checkpointed and truncated within moments.
     _wait_for(lambda: _wal_size(running.db) <= bound, timeout=5)
-    _wait_for(lambda: "checkpointed and truncated again" in running.log())
+    _wait_for(lambda: "checkpointed and started over again" in running.log())
     assert running.log().count("long read transaction") == 1
     assert running.request("GET", "/health")[0] == 200
     assert running.stop() == 0
