@@ -3492,7 +3492,7 @@ def _as_environ(fields):
 
 
 # Bounded for CI like the fuzzing above (FUZZ_EXAMPLES runs both longer).
-HTTP_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 300)))
+HTTP_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)))
 _FIELD_CHOICES = [
     b"Host: x", b"Host: 127.0.0.1:8080", b"Content-Type: application/json",
     b"X-API-Key: " + KEY.encode(), b"X_API_Key: " + KEY.encode(), b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue",
