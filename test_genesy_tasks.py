@@ -2546,19 +2546,32 @@ conn.execute("ROLLBACK")
 """
 
 
+@contextlib.contextmanager
+def _locked_by_another_process(db):
+    """Another process holds ``db``'s write lock until the block ends, or until
+    ``release()`` is called on what it yields."""
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def release():
+        if locker.poll() is None:
+            locker.communicate("\n", timeout=10)
+
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        yield release
+    finally:
+        release()
+
+
 def test_a_database_locked_by_another_process_is_a_503_until_released(tmp_path):
     running = Server(tmp_path, "--busy-timeout", "0.2")
     _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
-    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert locker.stdout.readline() == "locked\n"
+    with _locked_by_another_process(running.db):
         status, headers, body = running.request("POST", "/tasks", {"subject": "waits"})
         assert status == 503 and headers["Retry-After"] == "1"
         assert body["error"] == "Service unavailable" and "busy" in body["message"]
         assert running.request("GET", "/tasks/" + kept["id"])[0] == 200  # WAL: reads go on
-    finally:
-        locker.communicate("\n", timeout=10)
     status, _, task = running.request("POST", "/tasks", {"subject": "after the lock"})
     assert status == 201
     assert running.stop() == 0
@@ -2577,10 +2590,7 @@ def _timed(function, *args):
 def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeout(tmp_path):
     running = Server(tmp_path, "--busy-timeout", "1")
     _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
-    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert locker.stdout.readline() == "locked\n"
+    with _locked_by_another_process(running.db):
         results = {}
 
         def create(name, delay):
@@ -2610,8 +2620,6 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
         waiting = threading.Thread(target=create, args=("released", 0))
         waiting.start()
         time.sleep(0.3)
-    finally:
-        locker.communicate("\n", timeout=10)
     waiting.join(timeout=10)
     (status, _, _), seconds = results["released"]
     assert status == 201 and seconds < 0.9
@@ -2623,20 +2631,14 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
 
 def test_requests_pipelined_behind_a_waiting_write_are_answered_after_a_half_close(tmp_path):
     running = Server(tmp_path)
-    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, running.db], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert locker.stdout.readline() == "locked\n"
+    with _locked_by_another_process(running.db) as release:
         with socket.create_connection((running.host, running.port), timeout=10) as sock:
             sock.sendall(_request_bytes("POST", "/tasks", {"subject": "first"})
                          + _health() + _health())
             sock.shutdown(socket.SHUT_WR)  # all it will send: answer it all, then close
             time.sleep(0.3)
-            locker.communicate("\n", timeout=10)
+            release()
             answers = _answers(_read_all(sock))
-    finally:
-        if locker.poll() is None:
-            locker.communicate("\n", timeout=10)
     assert [answer[0] for answer in answers] == [201, 200, 200]
     assert running.stop() == 0
 
