@@ -428,7 +428,12 @@ def _fingerprint(body):
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def is_lock_wait(error):
+def _newer_schema(version):
+    return sqlite3.DatabaseError("its schema version %s is newer than this genesy-tasks (%s) "
+                                 "understands" % (version, SCHEMA_VERSION))
+
+
+def _is_lock_wait(error):
     """Whether a sqlite3 error means another connection held a lock (SQLITE_BUSY,
     SQLITE_LOCKED): the same call may succeed a moment later."""
     code = getattr(error, "sqlite_errorcode", None)  # Python 3.11 and later
@@ -449,7 +454,7 @@ def _recovering(method):
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as error:
-            if not is_lock_wait(error):
+            if not _is_lock_wait(error):
                 self._discard_connection()
             raise
     return wrapper
@@ -614,7 +619,7 @@ class TaskStore:
         """Make this thread's connection fail at once where it would wait.
 
         For an event loop's thread, which must never block: a write that meets
-        another connection's lock raises an error for which is_lock_wait() is
+        another connection's lock raises an error for which _is_lock_wait() is
         true instead of waiting up to the busy timeout (the caller retries it),
         and commits no longer run checkpoints, whose syncs take milliseconds
         (CommitGroups runs them on a thread of their own).
@@ -698,9 +703,7 @@ class TaskStore:
                 raise sqlite3.DatabaseError(
                     "it has a genesy_tasks table that genesy-tasks did not create")
             if version is not None and version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    "its schema version %s is newer than this genesy-tasks (%s) understands"
-                    % (version, SCHEMA_VERSION))
+                raise _newer_schema(version)
         finally:
             conn.close()
 
@@ -716,9 +719,7 @@ class TaskStore:
             if version is None:
                 statements = (_SCHEMA + _IDEMPOTENCY_SCHEMA).split(";")
             elif version > SCHEMA_VERSION:  # written by another process since _check_schema
-                raise sqlite3.DatabaseError(
-                    "its schema version %s is newer than this genesy-tasks (%s) understands"
-                    % (version, SCHEMA_VERSION))
+                raise _newer_schema(version)
             else:
                 statements = [statement for step in range(version + 1, SCHEMA_VERSION + 1)
                               for statement in _MIGRATIONS[step]]
@@ -2021,7 +2022,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
-                if environ.get(RETRY_ON_LOCK_KEY) and is_lock_wait(error):
+                if environ.get(RETRY_ON_LOCK_KEY) and _is_lock_wait(error):
                     environ[MET_LOCK_KEY] = True  # the server runs it again later
                 else:
                     _report(environ["wsgi.errors"],
@@ -2186,8 +2187,9 @@ app = _LazyApp()
 # must never disagree with it about where a request ends. It follows RFC 9112
 # (message syntax) and RFC 9110 section 5 (fields), refuses with 400 and a close
 # wherever framing is in doubt, and looks at each byte once, however the
-# stream is cut. It refuses at the first byte that makes a request invalid, so
-# the answer never depends on how the bytes arrived.
+# stream is cut. Limits are enforced at the byte that passes them, a malformed
+# line when its end arrives: the status of every answer is the same however
+# the bytes arrived.
 
 _MAX_REQUEST_LINE = 8 * 1024   # longer: 414
 _MAX_HEAD = 64 * 1024          # request line and fields together; longer: 431
@@ -2307,6 +2309,12 @@ class _RequestReader:
         del self.buffer[:pos]
         self._scanned = max(0, self._scanned - pos)
 
+    def _crlf_line(self, pos, lf):
+        """The line from ``pos`` to the LF at ``lf``, without its CRLF."""
+        if lf == pos or self.buffer[lf - 1] != 13:
+            raise _bad_request("lines must end with CRLF")  # RFC 9112 2.2
+        return bytes(self.buffer[pos:lf - 1])
+
     # -- the head (RFC 9112 2-5) -----------------------------------------------
 
     def _read_head(self):
@@ -2341,9 +2349,7 @@ class _RequestReader:
                 if lf < 0:
                     return False
                 self._head_size += length
-                if lf == pos or buffer[lf - 1] != 13:
-                    raise _bad_request("lines must end with CRLF")  # RFC 9112 2.2
-                line = buffer[pos:lf - 1].decode("latin-1")
+                line = self._crlf_line(pos, lf).decode("latin-1")
                 pos = lf + 1
                 if self._environ is None:
                     if line:  # RFC 9112 2.2: empty lines before it are ignored
@@ -2466,10 +2472,10 @@ class _RequestReader:
         # RFC 9112 6.3: a length that is not all digits (empty, a list) is invalid.
         if not text.isdigit() or not text.isascii():
             raise _bad_request("Content-Length is not a number")
-        digits = text.lstrip("0")
-        if len(digits) > len(str(self.max_body)) or int(digits or "0") > self.max_body:
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(self.max_body)) or int(digits) > self.max_body:
             raise _body_too_large(self.max_body)
-        return int(digits or "0")
+        return int(digits)
 
     # -- a chunked body (RFC 9112 7.1) ------------------------------------------
 
@@ -2508,9 +2514,7 @@ class _RequestReader:
                                      % _MAX_TRAILERS)
                 if lf < 0:
                     return None
-                if lf == pos or buffer[lf - 1] != 13:
-                    raise _bad_request("lines must end with CRLF")
-                line = bytes(buffer[pos:lf - 1])
+                line = self._crlf_line(pos, lf)
                 pos = lf + 1
                 if self._trailers is not None:
                     self._trailers += length
@@ -3599,7 +3603,8 @@ def _build_parser():
     option("--busy-timeout", _seconds, DEFAULT_BUSY_TIMEOUT,
            "seconds a write waits for another writer's lock, then 503")
     option("--checkpoint-pages", _whole_number, WAL_CHECKPOINT_PAGES,
-           "WAL pages past which a thread of the server checkpoints and truncates it; "
+           "WAL pages past which a thread of the server copies it into the database "
+           "and starts it over; "
            "0 leaves checkpoints to another process, such as Litestream")
     option("--tls-cert", str, None, "PEM certificate chain: serve HTTPS")
     option("--tls-key", str, None, "PEM private key of --tls-cert, if not in the same file")
