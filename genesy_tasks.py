@@ -60,7 +60,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 # arriving). Past it, connections that send more wait their turn.
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The commit that takes the WAL past this many pages copies them into the
 # database. Each checkpoint syncs the WAL and then the database, about 15 ms
 # each on the development machine whatever the size, and rewrites the pages
@@ -74,6 +74,8 @@ WAL_CHECKPOINT_PAGES = 8000
 IDEMPOTENCY_TTL = 24 * 60 * 60
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
+#: How long the change feed keeps a deleted task's deletion, at least (days).
+DELETIONS_KEPT_DAYS = 7
 
 
 ###############################################################################
@@ -304,6 +306,55 @@ CREATE TABLE genesy_idempotency (
 CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 """
 
+# The change feed (GET /changes, TaskStore.changes): one row per task, its
+# latest change, which a new change replaces at the end of the feed, so the
+# feed is as large as the table plus the deletions of the last
+# DELETIONS_KEPT_DAYS. A task's change_seq points at its row: replacing it is
+# a delete and an append by rowid, with no index to maintain. Triggers write
+# the feed, so that every writer is in it: this server, a CRM's own SQL,
+# another process. They fire on the contract's columns only: a CRM's update of
+# a column of its own, or a migration filling one, is no change.
+_CHANGE_AT_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+_CHANGES_TABLE = [
+    """CREATE TABLE genesy_changes (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- the feed's order, never reused
+    task_id  TEXT NOT NULL,
+    change   TEXT NOT NULL,  -- create, update or delete
+    at       TEXT NOT NULL
+)""",
+    "CREATE INDEX genesy_changes_deleted ON genesy_changes (at) WHERE change = 'delete'",
+]
+_CHANGES_TRIGGERS = [
+    """CREATE TRIGGER genesy_tasks_created AFTER INSERT ON genesy_tasks BEGIN
+    INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'create', NEW.created_at);
+    UPDATE genesy_tasks SET change_seq = last_insert_rowid() WHERE seq = NEW.seq;
+END""",
+    """CREATE TRIGGER genesy_tasks_updated AFTER UPDATE OF id, subject, description, type,
+    owner_id, due_date, contact_id, company_id, completed_at, created_at, updated_at
+    ON genesy_tasks BEGIN
+    DELETE FROM genesy_changes WHERE seq = OLD.change_seq;
+    INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'update', NEW.updated_at);
+    UPDATE genesy_tasks SET change_seq = last_insert_rowid() WHERE seq = NEW.seq;
+END""",
+    # A deletion also forgets those older than DELETIONS_KEPT_DAYS, and
+    # remembers up to where: a cursor from before then may have missed one.
+    """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
+    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(seq)
+        FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s
+        HAVING max(seq) IS NOT NULL;
+    DELETE FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s;
+    DELETE FROM genesy_changes WHERE seq = OLD.change_seq;
+    INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
+END""" % {"cutoff": "strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
+                     % DELETIONS_KEPT_DAYS,
+          "now": _CHANGE_AT_NOW},
+]
+_CHANGES_SCHEMA = ["ALTER TABLE genesy_tasks ADD COLUMN change_seq INTEGER"] + _CHANGES_TABLE
+
+
+def _split(script):
+    return [statement for statement in script.split(";") if statement.strip()]
+
 
 def _never_reuse_positions(conn):
     """Schema 3: seq becomes AUTOINCREMENT, which SQLite gives a table only when
@@ -346,8 +397,18 @@ _MIGRATIONS = {
     2: ["ALTER TABLE genesy_tasks ADD COLUMN due_utc TEXT",
         "UPDATE genesy_tasks SET due_utc = genesy_utc_instant(due_date) "
         "WHERE due_date IS NOT NULL"]
-       + _IDEMPOTENCY_SCHEMA.split(";"),
+       + _split(_IDEMPOTENCY_SCHEMA),
     3: [_never_reuse_positions],
+    # Every task enters the feed as it is, in the order of its last change.
+    4: _CHANGES_SCHEMA
+       + ["INSERT INTO genesy_changes (task_id, change, at) SELECT id, CASE WHEN "
+          "updated_at = created_at THEN 'create' ELSE 'update' END, updated_at "
+          "FROM genesy_tasks ORDER BY updated_at, seq",
+          "CREATE INDEX genesy_changes_upgrade ON genesy_changes (task_id)",
+          "UPDATE genesy_tasks SET change_seq = (SELECT seq FROM genesy_changes "
+          "WHERE task_id = genesy_tasks.id)",
+          "DROP INDEX genesy_changes_upgrade"]
+       + _CHANGES_TRIGGERS,
 }
 
 # The column of each field in TASK_FIELDS order; "completed" is derived from
@@ -386,7 +447,18 @@ _SET_COMPLETED_MANY = (
     "UPDATE genesy_tasks SET completed_at = ?, updated_at = ? "
     "WHERE id IN (SELECT value FROM json_each(?)) AND completed_at IS %s NULL"
 )
+_SELECT_TO_COMPLETE = ("SELECT %s FROM genesy_tasks WHERE id IN (SELECT value FROM "
+                       "json_each(?)) AND completed_at IS %%s NULL" % _COLUMNS)
 _UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
+# One page of the change feed, and the oldest cursor it can still serve (a
+# row with seq -1 when the cursor is older), read in one statement: one snapshot.
+_SELECT_CHANGES = (
+    "SELECT -1, NULL FROM genesy_meta WHERE key = 'changes_forgotten' "
+    "AND CAST(value AS INTEGER) > ?1 UNION ALL SELECT * FROM ("
+    "SELECT c.seq, json_object('taskId', c.task_id, 'change', c.change, 'task', "
+    "json(CASE WHEN genesy_tasks.id IS NULL THEN NULL ELSE %s END), 'at', c.at) "
+    "FROM genesy_changes AS c LEFT JOIN genesy_tasks ON genesy_tasks.id = c.task_id "
+    "WHERE c.seq > ?1 ORDER BY c.seq LIMIT ?2)" % _TASK_JSON)
 
 
 def _utc_instant_or_null(value):
@@ -414,6 +486,12 @@ def _json_array(texts):
 # A cursor is a place in creation order (the last task's seq), so any cursor
 # means something: "the tasks created before (or after) that one".
 _CURSOR = re.compile(r"[0-9]{1,18}")
+
+
+def _check_limit(limit):
+    if isinstance(limit, bool) or not isinstance(limit, int) \
+            or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise TaskValidationError("limit must be a whole number from 1 to %d" % MAX_LIST_LIMIT)
 
 
 def _decode_cursor(cursor):
@@ -466,6 +544,7 @@ class _CommitGroup:
     def __init__(self):
         self.connection = None  # set by the first write, which began the transaction
         self.lost = None        # the error that ended that transaction early
+        self.changes = []       # for subscribers, once committed
 
     @property
     def writing(self):
@@ -477,23 +556,107 @@ class IdempotencyKeyReused(Exception):
     """An Idempotency-Key was sent again with a different request body."""
 
 
+class ChangesForgotten(Exception):
+    """A change feed cursor older than the deletions the feed still keeps."""
+
+
+# Connections kept open for threads to come when the threads that used them
+# end: enough for a thread-per-request server's usual concurrency, few
+# enough that a burst of threads leaves few open files behind.
+_IDLE_CONNECTIONS = 4
+# Changes waiting for slow subscribers, at most; past it they are dropped
+# (and logged): a subscriber that falls behind catches up from the feed.
+_MAX_UNDELIVERED = 100_000
+
+
+def _change(kind, task_id, task, at):
+    """A change in the feed's shape."""
+    return {"taskId": task_id, "change": kind, "task": task, "at": at}
+
+
+class _Deliveries(threading.Thread):
+    """Calls a store's subscribers with each commit's changes, in commit order.
+
+    A thread of its own, so that no request, and no event loop, waits for a
+    subscriber, and a failing one fails nothing but itself.
+    """
+
+    def __init__(self, subscribers):
+        super().__init__(name="genesy-tasks subscribers", daemon=True)
+        self.subscribers = subscribers
+        self.queue = collections.deque()
+        self.pending = 0  # changes in the queue
+        self.dropped = 0
+        self.ready = threading.Condition()
+        self.stopping = False
+
+    def put(self, changes):
+        with self.ready:
+            if self.pending + len(changes) > _MAX_UNDELIVERED:
+                if not self.dropped:
+                    _report(sys.stderr, "genesy-tasks: subscribers are more than %d changes "
+                                        "behind; dropping changes (read the change feed to "
+                                        "catch up)\n" % _MAX_UNDELIVERED)
+                self.dropped += len(changes)
+                return
+            self.queue.append(changes)
+            self.pending += len(changes)
+            self.ready.notify()
+
+    def stop(self, timeout=10.0):
+        """Deliver what is queued (for up to ``timeout`` seconds), then end."""
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        if threading.current_thread() is not self:
+            self.join(timeout)
+
+    def run(self):
+        while True:
+            with self.ready:
+                while not self.queue and not self.stopping:
+                    self.ready.wait()
+                if not self.queue:
+                    return
+                changes = self.queue.popleft()
+                self.pending -= len(changes)
+                self.dropped = 0
+            for callback in list(self.subscribers):
+                try:
+                    callback(changes)
+                except Exception:
+                    _report(sys.stderr, "genesy-tasks: subscriber %r failed:\n%s"
+                            % (callback, traceback.format_exc()))
+
+
 class TaskStore:
     """Genesy's tasks in SQLite: the storage the HTTP routes call, usable directly.
 
-    ``TaskStore("crm.db")`` opens (or creates) the database, turns on WAL and
-    creates its tables, ``genesy_tasks``, ``genesy_meta`` and
-    ``genesy_idempotency``, beside any others in the file. Each thread gets
-    its own connection. Every method takes and returns plain dicts in
-    Genesy's JSON shape (see ``TASK_FIELDS``).
+    ``TaskStore("crm.db")`` opens (or creates) the database, switches the file
+    to WAL (for good: it is a property of the file) and creates its tables,
+    ``genesy_tasks``, ``genesy_changes``, ``genesy_meta`` and
+    ``genesy_idempotency``, beside any others in the file. A thread that calls
+    it gets a connection of its own; when the thread ends, the next thread
+    takes the connection over, so a server that starts a thread per request
+    keeps a few connections, not one per request. Every method takes and
+    returns plain dicts in Genesy's JSON shape (see ``TASK_FIELDS``).
     """
 
-    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT):
-        """:param busy_timeout: seconds a write waits for another writer's lock."""
+    def __init__(self, path, busy_timeout=DEFAULT_BUSY_TIMEOUT, validate=None):
+        """:param busy_timeout: seconds a write waits for another writer's lock.
+        :param validate: called with the task as it would be written, and the
+            task as it was (None for a create), before each create and update;
+            raising TaskValidationError refuses the write.
+        """
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
+        self.validate = validate
         self._local = threading.local()
-        self._connections = []
+        self._owners = {}  # connection -> the thread using it
+        self._idle = []    # connections of threads that ended, for the next ones
         self._connections_lock = threading.Lock()
+        self._subscribers = []
+        self._deliveries = None  # the thread that calls subscribers, once there is one
         # Set by a checkpointer that needs the write lock for a moment: commit
         # groups begin no transaction meanwhile (their writes wait as if locked).
         self._groups_paused = threading.Event()
@@ -528,11 +691,24 @@ class TaskStore:
     def _connection(self):
         conn = getattr(self._local, "connection", None)
         if conn is None:
-            waits = getattr(self._local, "waits", True)
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout if waits else 0, isolation_level=None,
-                check_same_thread=False, cached_statements=64)
-            try:
+            conn = self._take_connection()
+        return conn
+
+    def _take_connection(self):
+        """A connection for this thread: one a finished thread left, or a new one."""
+        thread = threading.current_thread()
+        with self._connections_lock:
+            self._reclaim_connections()
+            conn = self._idle.pop() if self._idle else None
+            if conn is not None:
+                self._owners[conn] = thread
+        waits = getattr(self._local, "waits", True)
+        try:
+            if conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, cached_statements=64)
+                with self._connections_lock:
+                    self._owners[conn] = thread
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise sqlite3.OperationalError(
@@ -541,15 +717,38 @@ class TaskStore:
                 # once, so it survives a crash of this process; only a power
                 # loss can take the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint = %d"
-                             % (WAL_CHECKPOINT_PAGES if waits else 0))
-            except BaseException:
+            conn.execute("PRAGMA busy_timeout = %d"
+                         % (self.busy_timeout * 1000 if waits else 0))
+            conn.execute("PRAGMA wal_autocheckpoint = %d"
+                         % (WAL_CHECKPOINT_PAGES if waits else 0))
+        except BaseException:
+            if conn is not None:
+                with self._connections_lock:
+                    self._owners.pop(conn, None)
                 conn.close()
-                raise
-            self._local.connection = conn
-            with self._connections_lock:
-                self._connections.append(conn)
+            raise
+        self._local.connection = conn
         return conn
+
+    def _reclaim_connections(self):
+        """Take back the connections of threads that have ended (with the lock held).
+
+        Python forgets a finished thread's thread-local values, but not the
+        connection this store keeps for close(): without this, a server that
+        starts a thread per request would leave a connection, and its open
+        files, behind each request.
+        """
+        for conn, thread in list(self._owners.items()):
+            if thread.is_alive():
+                continue
+            del self._owners[conn]
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if len(self._idle) < _IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:
+                conn.close()
 
     @contextlib.contextmanager
     def _write(self, one_statement=False):
@@ -564,17 +763,22 @@ class TaskStore:
         """
         conn = self._connection()
         group = getattr(self._local, "group", None)
-        if group is not None:
-            with self._savepoint(conn, group, one_statement):
-                yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            self._roll_back(conn)
-            raise
+            if group is not None:
+                with self._savepoint(conn, group, one_statement):
+                    yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                self._roll_back(conn)
+                raise
+        except sqlite3.IntegrityError as error:
+            # A CRM's constraint or trigger refused the write (RAISE(ABORT,
+            # 'unknown contact'), a foreign key): its message says why.
+            raise TaskValidationError(str(error)) from error
 
     @staticmethod
     def _roll_back(conn):
@@ -668,6 +872,45 @@ class TaskStore:
         except BaseException:
             self._roll_back(conn)
             raise
+        if group.changes:
+            self._deliver(group.changes)
+
+    # -- subscribers ------------------------------------------------------------
+
+    def subscribe(self, callback):
+        """Call ``callback(changes)`` after each commit that changed tasks.
+
+        ``changes`` is a list in the change feed's shape (see changes()),
+        in commit order: writes that were rolled back are never in it. It is
+        called on a thread of the store's own, one call at a time, soon after
+        the commit; an exception it raises is logged, and fails nothing else.
+        Only this store's writes are seen (the feed has every writer's).
+        Returns a function that unsubscribes it.
+        """
+        with self._connections_lock:
+            self._subscribers.append(callback)
+            if self._deliveries is None:
+                self._deliveries = _Deliveries(self._subscribers)
+                self._deliveries.start()
+
+        def unsubscribe():
+            with self._connections_lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+        return unsubscribe
+
+    def _changed(self, changes):
+        """Hand the changes of a write that succeeded to subscribers, once committed."""
+        group = getattr(self._local, "group", None)
+        if group is not None:
+            group.changes.extend(changes)
+        else:
+            self._deliver(changes)
+
+    def _deliver(self, changes):
+        deliveries = self._deliveries
+        if deliveries is not None:
+            deliveries.put(changes)
 
     def _discard_connection(self):
         """Close this thread's connection after an operational error.
@@ -685,8 +928,7 @@ class TaskStore:
             group.lost = sqlite3.OperationalError(
                 "a failed write ended the transaction of its commit group")
         with self._connections_lock:
-            if conn in self._connections:
-                self._connections.remove(conn)
+            self._owners.pop(conn, None)
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
@@ -717,7 +959,8 @@ class TaskStore:
             # Read again inside the lock: another process may have migrated meanwhile.
             version = self._schema_version(conn)
             if version is None:
-                statements = (_SCHEMA + _IDEMPOTENCY_SCHEMA).split(";")
+                statements = (_split(_SCHEMA) + _split(_IDEMPOTENCY_SCHEMA)
+                              + _CHANGES_SCHEMA + _CHANGES_TRIGGERS)
             elif version > SCHEMA_VERSION:  # written by another process since _check_schema
                 raise _newer_schema(version)
             else:
@@ -747,9 +990,14 @@ class TaskStore:
         return int(row[0])
 
     def close(self):
-        """Close every connection this store opened, in any thread."""
+        """Close every connection this store opened, in any thread, after
+        handing the changes committed so far to subscribers."""
+        deliveries, self._deliveries = self._deliveries, None
+        if deliveries is not None:
+            deliveries.stop()
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            connections = list(self._owners) + self._idle
+            self._owners, self._idle = {}, []
         for conn in connections:
             conn.close()
         self._local = threading.local()
@@ -777,16 +1025,18 @@ class TaskStore:
 
     # -- tasks ------------------------------------------------------------------
 
-    @staticmethod
-    def _new_task(fields):
+    def _new_task(self, fields):
         """The whole new task for ``fields``, and its row for _INSERT."""
         task = validate_new_task(fields)
         ms, now = _now()
         task_id = new_task_id(ms)
         row = ((task_id,) + tuple(task.values())
                + (now, now, _utc_instant_or_null(task["dueDate"])))
-        return {"id": task_id, **task, "completed": False, "completedAt": None,
-                "createdAt": now, "updatedAt": now}, row
+        task = {"id": task_id, **task, "completed": False, "completedAt": None,
+                "createdAt": now, "updatedAt": now}
+        if self.validate is not None:
+            self.validate(dict(task), None)
+        return task, row
 
     @_recovering
     def create(self, fields):
@@ -794,6 +1044,8 @@ class TaskStore:
         task, row = self._new_task(fields)
         with self._write(one_statement=True) as conn:
             conn.execute(_INSERT, row)
+        if self._subscribers:
+            self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
         return task
 
     @_recovering
@@ -826,15 +1078,20 @@ class TaskStore:
                          (key, fingerprint, json.dumps(task, ensure_ascii=False), now_ms))
             conn.execute("DELETE FROM genesy_idempotency WHERE created_ms < ?",
                          (now_ms - IDEMPOTENCY_TTL * 1000,))
+        if self._subscribers:
+            self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
         return task, False
 
     @_recovering
     def create_many(self, tasks):
         """Create many tasks in one transaction (an import); return their ids in order."""
-        rows = [self._new_task(fields)[1] for fields in tasks]
+        new = [self._new_task(fields) for fields in tasks]
         with self._write() as conn:
-            conn.executemany(_INSERT, rows)
-        return [row[0] for row in rows]
+            conn.executemany(_INSERT, [row for _, row in new])
+        if self._subscribers and new:
+            self._changed([_change("create", task["id"], task, task["createdAt"])
+                           for task, _ in new])
+        return [task["id"] for task, _ in new]
 
     def get(self, task_id):
         """The task with this id, or None."""
@@ -877,6 +1134,8 @@ class TaskStore:
             if not changed:
                 return task
             updated["updatedAt"] = now
+            if self.validate is not None:
+                self.validate(dict(updated), task)
             columns = [_UPDATABLE_COLUMNS[name] for name in changed]
             values = [updated[name] for name in changed]
             if "dueDate" in changed:
@@ -886,6 +1145,8 @@ class TaskStore:
                 "UPDATE genesy_tasks SET %s, updated_at = ? WHERE seq = ?"
                 % ", ".join(column + " = ?" for column in columns),
                 values + [now, row[-1]])
+        if self._subscribers:
+            self._changed([_change("update", task_id, dict(updated), now)])
         return updated
 
     @_recovering
@@ -894,8 +1155,11 @@ class TaskStore:
         if not isinstance(task_id, str):
             return False
         with self._write(one_statement=True) as conn:
-            return conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
-                                (task_id,)).rowcount > 0
+            deleted = conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
+                                   (task_id,)).rowcount > 0
+        if deleted and self._subscribers:
+            self._changed([_change("delete", task_id, None, _now()[1])])
+        return deleted
 
     def list(self, **filters):
         """One page of tasks: ``{"tasks": [...], "nextCursor": str or None}``.
@@ -919,10 +1183,7 @@ class TaskStore:
         """
         if order not in ("newest", "oldest"):
             raise TaskValidationError("order must be newest or oldest")
-        if isinstance(limit, bool) or not isinstance(limit, int) \
-                or not 1 <= limit <= MAX_LIST_LIMIT:
-            raise TaskValidationError("limit must be a whole number from 1 to %d"
-                                      % MAX_LIST_LIMIT)
+        _check_limit(limit)
         where, params = [], []
         for name, column, value in (("ownerId", "owner_id", owner_id),
                                     ("contactId", "contact_id", contact_id),
@@ -959,6 +1220,35 @@ class TaskStore:
         return b'{"tasks":%s,"nextCursor":%s}' % (_json_array(row[0] for row in rows),
                                                    next_cursor.encode())
 
+    def changes(self, after=None, limit=DEFAULT_LIST_LIMIT):
+        """The change feed: ``{"changes": [...], "nextCursor": str}``.
+
+        Each change is ``{"taskId", "change", "task", "at"}``: ``change`` is
+        the latest thing that happened to the task (create, update or
+        delete), ``task`` the task as it is now (None once deleted), ``at``
+        when. Every task is in the feed once, at its latest change, in commit
+        order: pass ``nextCursor`` (always given) as ``after`` to get what
+        changed since. Without ``after`` it starts from the oldest change
+        kept. Deletions are kept DELETIONS_KEPT_DAYS; a cursor older than a
+        deletion forgotten since raises ChangesForgotten.
+        """
+        return json.loads(self.changes_json(after, limit))
+
+    @_recovering
+    def changes_json(self, after=None, limit=DEFAULT_LIST_LIMIT):
+        """changes() as JSON (UTF-8 bytes)."""
+        _check_limit(limit)
+        position = 0 if after is None else _decode_cursor(after)
+        rows = self._connection().execute(_SELECT_CHANGES, (position, limit)).fetchall()
+        if any(row[0] == -1 for row in rows):
+            raise ChangesForgotten(
+                "changes before this cursor were forgotten (deletions are kept %d days); "
+                "start again without after" % DELETIONS_KEPT_DAYS)
+        if rows:
+            position = rows[-1][0]
+        return b'{"changes":%s,"nextCursor":"%d"}' % (_json_array(row[1] for row in rows),
+                                                      position)
+
     def get_many(self, ids):
         """The tasks with these ids, in the order of first appearance; unknown ids omitted."""
         return json.loads(self.get_many_json(ids))
@@ -985,11 +1275,30 @@ class TaskStore:
             return b"[]"
         _, now = _now()
         ids_json = json.dumps(ids)
+        changes = None
         with self._write() as conn:
+            if self.validate is not None or self._subscribers:
+                changes = self._completions(conn, ids_json, completed, now)
             conn.execute(_SET_COMPLETED_MANY % ("" if completed else "NOT"),
                          (now if completed else None, now, ids_json))
             found = dict(conn.execute(_SELECT_MANY, (ids_json,)))
-            return _json_array(_in_request_order(ids, found))
+            answer = _json_array(_in_request_order(ids, found))
+        if changes:
+            self._changed(changes)
+        return answer
+
+    def _completions(self, conn, ids_json, completed, now):
+        """The changes a batch completion makes, each validated first."""
+        changes = []
+        for row in conn.execute(_SELECT_TO_COMPLETE % ("" if completed else "NOT"),
+                                (ids_json,)):
+            task = _task(row)
+            updated = dict(task, completed=completed, completedAt=now if completed else None,
+                           updatedAt=now)
+            if self.validate is not None:
+                self.validate(dict(updated), task)
+            changes.append(_change("update", task["id"], updated, now))
+        return changes
 
     @_recovering
     def count(self):
