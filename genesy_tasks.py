@@ -1669,29 +1669,32 @@ _LIST_PARAMETERS = {
     "type": "type", "completed": "completed", "dueBefore": "due_before",
     "dueAfter": "due_after", "order": "order", "limit": "limit", "cursor": "cursor",
 }
+# GET /changes query parameters and the TaskStore.changes arguments they become.
+_CHANGES_PARAMETERS = {"after": "after", "limit": "limit"}
 
 
-def _list_arguments(query_string):
-    """TaskStore.list keyword arguments from a GET /tasks query string.
+def _query_arguments(environ, parameters):
+    """TaskStore keyword arguments from the query string, by ``parameters``.
 
     Unknown or repeated parameters are refused, so a typo such as ``ownerID``
     is an error rather than a silently unfiltered list.
     """
     try:
-        pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=False,
-                          encoding="utf-8", errors="strict", max_num_fields=len(_LIST_PARAMETERS))
+        pairs = parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                          strict_parsing=False, encoding="utf-8", errors="strict",
+                          max_num_fields=len(parameters))
     except UnicodeDecodeError:
         raise TaskValidationError("the query string is not UTF-8") from None
     except ValueError:
         raise TaskValidationError("too many query parameters") from None
     arguments = {}
     for name, value in pairs:
-        if name not in _LIST_PARAMETERS:
+        if name not in parameters:
             raise TaskValidationError("unknown query parameter %r; known: %s"
-                                      % (name, ", ".join(_LIST_PARAMETERS)))
-        if _LIST_PARAMETERS[name] in arguments:
+                                      % (name, ", ".join(parameters)))
+        if parameters[name] in arguments:
             raise TaskValidationError("%s is given more than once" % name)
-        arguments[_LIST_PARAMETERS[name]] = value
+        arguments[parameters[name]] = value
     if "completed" in arguments:
         flag = arguments["completed"]
         if flag not in ("true", "false"):
@@ -1767,17 +1770,94 @@ class TasksApp(bottle.Bottle):
         bottle.response.content_type = "application/json"
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         request = bottle.request
+        # The path as the client sent it: mounted under a prefix, the prefix
+        # is in SCRIPT_NAME.
+        path = request.environ.get("SCRIPT_NAME", "").rstrip("/") + request.path
         if res.status_code == 404:
-            return error_body("Not found", "No route for %s %s"
-                              % (request.method, request.path))
+            return error_body("Not found", "No route for %s %s" % (request.method, path))
         if res.status_code == 405:
             return error_body("Method not allowed", "%s is not allowed on %s; allowed: %s"
-                              % (request.method, request.path,
+                              % (request.method, path,
                                  res.get_header("Allow", "").replace(",", ", ")))
         if res.status_code >= 500:
             return error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
         return error_body(res.status_line.partition(" ")[2] or "Error", str(res.body))
+
+
+def _check_users(users, source):
+    """GET /users' list: ``[{"id", "name", "email"?}]``, or a ValueError naming the fault."""
+    if not isinstance(users, list):
+        raise ValueError("%s must be a JSON array of users" % source)
+    seen = set()
+    for index, user in enumerate(users):
+        where = "%s[%d]" % (source, index)
+        if not isinstance(user, dict):
+            raise ValueError("%s must be an object with id, name and, optionally, email"
+                             % where)
+        unknown = sorted(set(user) - {"id", "name", "email"})
+        if unknown:
+            raise ValueError("%s has an unknown field %r (known: id, name, email)"
+                             % (where, unknown[0]))
+        for name in ("id", "name", "email"):
+            if name not in user and name == "email":
+                continue
+            if not isinstance(user.get(name), str) or not user[name].strip():
+                raise ValueError("%s.%s must be a non-empty string" % (where, name))
+        if user["id"] in seen:
+            raise ValueError("%s.id %r is given twice" % (where, user["id"]))
+        seen.add(user["id"])
+    return users
+
+
+def _users_file(path):
+    """The users in a JSON file, for --users; a one-line error when it is unusable."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            users = _decode_json(file.read())
+        return _check_users(users, path)
+    except OSError as error:
+        raise argparse.ArgumentTypeError("cannot read %s: %s"
+                                         % (path, error.strerror or error)) from None
+    except ValueError as error:  # bad JSON or UTF-8 included
+        raise argparse.ArgumentTypeError(
+            str(error) if str(error).startswith(path) else "%s is not valid JSON: %s"
+            % (path, error)) from None
+
+
+def _warn_if_others_can_read(path):
+    """One line when the generated key sits in a file other users can read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        _report(sys.stderr, "genesy-tasks: warning: %s holds the generated API key and other "
+                            "users can read it (mode %04o); run chmod 600 %s, or set "
+                            "GENESY_API_KEY\n" % (path, mode & 0o7777, path))
+
+
+def mount(app, prefix, tasks_app):
+    """A WSGI application serving ``tasks_app`` under ``prefix`` and ``app`` elsewhere.
+
+    Every request below the prefix goes to the API before ``app`` sees it, so
+    the API answers it whole: its own JSON 404 and 405, none of ``app``'s
+    hooks, plugins or error pages. Works for any WSGI ``app``: Bottle
+    (``bottle.run(mount(crm, "/genesy", api))``), Flask (``crm.wsgi_app =
+    mount(crm.wsgi_app, "/genesy", api)``) and others.
+    """
+    prefix = "/" + prefix.strip("/")
+    if prefix == "/":
+        raise ValueError("mount the API under a prefix such as /genesy, not /")
+
+    def application(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == prefix or path.startswith(prefix + "/"):
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "").rstrip("/") + prefix
+            environ["PATH_INFO"] = path[len(prefix):]
+            return tasks_app(environ, start_response)
+        return app(environ, start_response)
+    return application
 
 
 def _parse_api_keys(api_keys):
@@ -2056,6 +2136,7 @@ _ERROR_DESCRIPTIONS = {
     404: "No task with this id",
     405: "The method is not allowed here: the task id \"batch\" names the batch path; "
          "the Allow header lists the methods that are",
+    410: "The change feed cursor is older than the deletions kept; start again without after",
     413: "Request body or batch too large",
     415: "Request body not declared as JSON",
     422: "Idempotency-Key reused with a different request body",
@@ -2084,8 +2165,9 @@ def _iso8601_pattern(date_separator, time_separator):
 
 
 def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
-                     max_batch=DEFAULT_MAX_BATCH, base_path="/"):
-    """The OpenAPI 3.1 description of the routes :func:`make_app` serves."""
+                     max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False):
+    """The OpenAPI 3.1 description of the routes :func:`make_app` serves
+    (``users``: whether it serves GET /users)."""
     text_or_null = {"type": ["string", "null"]}
     iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
     due_date = {"type": ["string", "null"], "pattern": iso8601,
@@ -2132,6 +2214,42 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
             ("cursor", cursor,
              "nextCursor of the previous page, with the same other parameters"),
         )]
+    limit = {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                        "default": DEFAULT_LIST_LIMIT}}
+    change_paths = {"/changes": {"get": {
+        "operationId": "listChanges",
+        "summary": "Every task at its latest change, in commit order",
+        "description": "Follow nextCursor (always present) as after to get what changed "
+                       "since; deleted tasks are kept %d days." % DELETIONS_KEPT_DAYS,
+        "parameters": [{"name": "after", "in": "query", "required": False, "schema": cursor,
+                        "description": "nextCursor of the previous call; without it, the "
+                                       "oldest change kept"},
+                       dict(limit, description="Changes per page")],
+        "responses": {"200": json_response("One page of changes", {
+            "type": "object", "required": ["changes", "nextCursor"],
+            "additionalProperties": False,
+            "properties": {"nextCursor": cursor, "changes": {"type": "array", "items": {
+                "type": "object", "required": ["taskId", "change", "task", "at"],
+                "additionalProperties": False,
+                "properties": {
+                    "taskId": {"type": "string"},
+                    "change": {"enum": ["create", "update", "delete"]},
+                    "task": {"oneOf": [task, {"type": "null"}]},
+                    "at": timestamp}}}}}),
+            **_error_responses(400, 410)},
+    }}}
+    if users:
+        change_paths["/users"] = {"get": {
+            "operationId": "listUsers",
+            "summary": "The users Genesy offers as task owners (their id is a task's ownerId)",
+            "responses": {"200": json_response("The users", {
+                "type": "array", "items": {
+                    "type": "object", "required": ["id", "name"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "email": {"type": "string"}}}}),
+                **_error_responses()},
+        }}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -2222,6 +2340,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                                   **_error_responses(404, 405)},
                 },
             },
+            **change_paths,
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document", "security": [],
                 "responses": {"200": json_response("OpenAPI 3.1", {"type": "object"})},
@@ -2283,8 +2402,11 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
 
 
 def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
-             max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH):
+             max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH,
+             busy_timeout=DEFAULT_BUSY_TIMEOUT, users=None, validate=None):
     """Build the Genesy Tasks API as a Bottle application.
+
+    To serve it under a prefix of another application, see :func:`mount`.
 
     :param db_path: the SQLite file (created if missing), or an open TaskStore.
     :param api_keys: accepted keys, a list or a comma-separated string; when
@@ -2292,9 +2414,23 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     :param header: the request header that carries the key (default X-API-Key).
     :param max_body: the largest request body accepted, in bytes (default 4 MiB).
     :param max_batch: the most ids accepted in one batch (default 10,000).
+    :param busy_timeout: seconds a write waits for another writer (default 5),
+        when the app opens the database itself.
+    :param users: GET /users: a list of ``{"id", "name", "email"?}``, or a
+        function returning one at each request; None answers it with a 404
+        (Genesy's "owner selection off").
+    :param validate: see :class:`TaskStore`; set on the store.
     """
-    store = db_path if isinstance(db_path, TaskStore) else TaskStore(db_path)
-    keys = _parse_api_keys(api_keys) or [store.generated_api_key()]
+    store = (db_path if isinstance(db_path, TaskStore)
+             else TaskStore(db_path, busy_timeout=busy_timeout))
+    if validate is not None:
+        store.validate = validate
+    if users is not None and not callable(users):
+        users = _json_bytes(_check_users(users, "users"))
+    keys = _parse_api_keys(api_keys)
+    if not keys:
+        keys = [store.generated_api_key()]
+        _warn_if_others_can_read(store.path)
     keys = [key.encode("utf-8") for key in keys]
     key_environ = _environ_key(header)
     app = TasksApp(store, max_body, max_batch)
@@ -2328,6 +2464,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                 return _error_response(400, "Invalid request", str(error))
             except IdempotencyKeyReused as error:
                 return _error_response(422, "Idempotency key reused", str(error))
+            except ChangesForgotten as error:
+                return _error_response(410, "Cursor expired", str(error))
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
@@ -2377,7 +2515,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         base = base_path(bottle.request.environ)
         if base not in documents:
             documents[base] = _json_bytes(openapi_document(header, max_body, max_batch,
-                                                           base or "/"))
+                                                           base or "/", users is not None))
         bottle.response.content_type = "application/json"
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         return documents[base]
@@ -2390,7 +2528,20 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     @app.get("/tasks")
     @api
     def list_tasks(environ):
-        return store.list_json(**_list_arguments(environ.get("QUERY_STRING", "")))
+        return store.list_json(**_query_arguments(environ, _LIST_PARAMETERS))
+
+    @app.get("/changes")
+    @api
+    def list_changes(environ):
+        return store.changes_json(**_query_arguments(environ, _CHANGES_PARAMETERS))
+
+    if users is not None:
+        @app.get("/users")
+        @api
+        def list_users(environ):
+            if callable(users):
+                return _json_bytes(_check_users(users(), "the users function's result"))
+            return users
 
     @app.post("/tasks")
     @api
@@ -2454,15 +2605,17 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
 
 
 def _app_from_environment():
-    """The app as configured by GENESY_* environment variables (used by ``app``)."""
-    db_path = os.environ.get("GENESY_TASKS_DB") or DEFAULT_DB
+    """The app as configured by the environment (used by ``app``): every
+    GENESY_TASKS_* option that applies to the app, as on the command line.
+    Raises ValueError or StorageError, with one line, when it cannot be built."""
+    options = {name: value for name, value in _environment_options().items()
+               if _OPTIONS[name].app}
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
-    header = os.environ.get("GENESY_API_KEY_HEADER") or DEFAULT_HEADER
-    app = make_app(db_path, api_keys, header)
+    header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
+    app = make_app(options.pop("db"), api_keys, header, **options)
     if not api_keys:
-        sys.stderr.write("genesy-tasks: no GENESY_API_KEY set; %s: %s\n"
-                         % (header, app.store.generated_api_key()))
-        sys.stderr.flush()
+        _report(sys.stderr, "genesy-tasks: no GENESY_API_KEY set; %s: %s\n"
+                % (header, app.store.generated_api_key()))
     return app
 
 
@@ -2470,18 +2623,29 @@ class _LazyApp:
     """A WSGI callable that builds the app from the environment on its first request.
 
     It lets ``gunicorn genesy_tasks:app`` work while importing the module
-    touches no file.
+    touches no file. While it cannot be built (a bad variable, a database it
+    cannot use), every request is a JSON 500 and the reason is logged once.
     """
 
     def __init__(self):
         self._app = None
         self._lock = threading.Lock()
+        self._failure = None
 
     def __call__(self, environ, start_response):
         if self._app is None:
             with self._lock:
                 if self._app is None:
-                    self._app = _app_from_environment()
+                    try:
+                        self._app = _app_from_environment()
+                    except (ValueError, StorageError) as error:
+                        if str(error) != self._failure:
+                            self._failure = str(error)
+                            _report(environ.get("wsgi.errors", sys.stderr),
+                                    "genesy-tasks: cannot start: %s\n" % error)
+                        start_response("500 Internal Server Error", list(_ERROR_HEADERS))
+                        return [error_body("Internal server error",
+                                           "the server is misconfigured; the error was logged")]
         return self._app(environ, start_response)
 
 
@@ -3890,33 +4054,17 @@ def _build_parser():
                     "kept in the database and printed at every start.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def option(flag, kind, default, text, target=parser):
-        # Every server option has an environment variable: --max-body is
-        # GENESY_TASKS_MAX_BODY. argparse converts defaults given as text, so
-        # a bad value from the environment is refused like a bad flag.
-        env = "GENESY_TASKS_" + flag[2:].upper().replace("-", "_")
-        target.add_argument(flag, type=kind, default=_env_default(env, default),
-                            help="%s (env %s)" % (text, env))
+    def option(name, target=parser, text=None):
+        # No default here: main() takes the environment variable, else the
+        # default, for what the command line leaves out, and so knows what
+        # it was given.
+        option = _OPTIONS[name]
+        default = "" if option.default is None else " (default: %s)" % option.default
+        target.add_argument(option.flag, type=option.kind, default=argparse.SUPPRESS,
+                            help="%s (env %s)%s" % (text or option.text, option.env, default))
 
-    option("--host", str, DEFAULT_HOST, "address to listen on")
-    option("--port", _port, DEFAULT_PORT, "port to listen on, 0 for any free port")
-    option("--db", str, DEFAULT_DB, "SQLite database file, created if missing")
-    option("--max-batch", _whole_number, DEFAULT_MAX_BATCH,
-           "most ids in one batch request; more is a 413")
-    option("--max-body", _whole_number, DEFAULT_MAX_BODY,
-           "largest request body in bytes; more is a 413")
-    option("--max-connections", _positive_number, DEFAULT_MAX_CONNECTIONS,
-           "most connections open at once; more wait in the listen queue")
-    option("--request-timeout", _seconds, DEFAULT_REQUEST_TIMEOUT,
-           "seconds for a request's head and body to arrive, else 408")
-    option("--busy-timeout", _seconds, DEFAULT_BUSY_TIMEOUT,
-           "seconds a write waits for another writer's lock, then 503")
-    option("--checkpoint-pages", _whole_number, WAL_CHECKPOINT_PAGES,
-           "WAL pages past which a thread of the server copies it into the database "
-           "and starts it over; "
-           "0 leaves checkpoints to another process, such as Litestream")
-    option("--tls-cert", str, None, "PEM certificate chain: serve HTTPS")
-    option("--tls-key", str, None, "PEM private key of --tls-cert, if not in the same file")
+    for name in _OPTIONS:
+        option(name)
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="commands (without one, the server runs)")
@@ -3932,8 +4080,7 @@ def _build_parser():
                                          "the key generated in --db)")
     check.add_argument("--header", default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
                        help="the header that carries the key (env GENESY_API_KEY_HEADER)")
-    option("--db", str, DEFAULT_DB,
-           "where to find a generated key when none is given, opened read-only", check)
+    option("db", check, "where to find a generated key when none is given, opened read-only")
     check.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
     check.add_argument("--insecure", action="store_true",
                        help="accept any TLS certificate (a self-signed test server)")
@@ -3945,7 +4092,7 @@ def _build_parser():
                     "database file, delete the database's -wal and -shm files, start again.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     backup.add_argument("dest", help="the backup file to write")
-    option("--db", str, DEFAULT_DB, "the database to copy", backup)
+    option("db", backup, "the database to copy")
     backup.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     return parser
 
@@ -3972,6 +4119,67 @@ def _seconds(text):
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("%r must be more than 0" % (text,))
     return value
+
+
+class _Option:
+    """One setting: a flag, an environment variable, and an argument of
+    make_app (``app``) or of the built-in server only."""
+
+    def __init__(self, name, default, kind, text, app):
+        self.name, self.default, self.kind, self.text, self.app = name, default, kind, text, app
+        self.flag = "--" + name.replace("_", "-")
+        self.env = "GENESY_TASKS_" + name.upper()
+
+    def from_text(self, text, where):
+        try:
+            return self.kind(text)
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            raise ValueError("%s: %s" % (where, error)) from None
+
+
+def _options(*options):
+    return {option.name: option for option in options}
+
+
+# The settings of the server and the application, in one place: the command
+# line, the environment and the WSGI ``app`` (gunicorn) all read them here.
+_OPTIONS = _options(
+    _Option("host", DEFAULT_HOST, str, "address to listen on", app=False),
+    _Option("port", DEFAULT_PORT, _port,
+            "port to listen on, 0 for any free port", app=False),
+    _Option("db", DEFAULT_DB, str, "SQLite database file, created if missing", app=True),
+    _Option("max_batch", DEFAULT_MAX_BATCH, _whole_number,
+            "most ids in one batch request; more is a 413", app=True),
+    _Option("max_body", DEFAULT_MAX_BODY, _whole_number,
+            "largest request body in bytes; more is a 413", app=True),
+    _Option("busy_timeout", DEFAULT_BUSY_TIMEOUT, _seconds,
+            "seconds a write waits for another writer's lock, then 503", app=True),
+    _Option("users", None, _users_file,
+            "JSON file of the users GET /users offers Genesy as task owners: "
+            '[{"id", "name", "email"}]; unset, GET /users is a 404', app=True),
+    _Option("max_connections", DEFAULT_MAX_CONNECTIONS, _positive_number,
+            "most connections open at once; more wait in the listen queue", app=False),
+    _Option("request_timeout", DEFAULT_REQUEST_TIMEOUT, _seconds,
+            "seconds for a request's head and body to arrive, else 408", app=False),
+    _Option("checkpoint_pages", WAL_CHECKPOINT_PAGES, _whole_number,
+            "WAL pages past which a thread of the server copies it into the database "
+            "and starts it over; 0 leaves checkpoints to another process, such as "
+            "Litestream", app=False),
+    _Option("tls_cert", None, str, "PEM certificate chain: serve HTTPS", app=False),
+    _Option("tls_key", None, str, "PEM private key of --tls-cert, if not in the same file",
+            app=False),
+)
+# The options a command takes from before its name (genesy-tasks --db crm.db backup).
+_COMMAND_OPTIONS = {"check": {"db"}, "backup": {"db"}}
+
+
+def _environment_options():
+    """Every option's value from its environment variable, else its default."""
+    values = {}
+    for option in _OPTIONS.values():
+        text = os.environ.get(option.env, "").strip()
+        values[option.name] = option.from_text(text, option.env) if text else option.default
+    return values
 
 
 def _backup_command(args):
@@ -4042,12 +4250,31 @@ def _check_command(args):
     return 1 if failed else 0
 
 
+def _parse_arguments(argv):
+    """The command line's arguments, with every option the command line left out
+    taken from its environment variable, else its default."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    given = set(vars(args)) & set(_OPTIONS)
+    if args.command is not None:
+        for name in sorted(given - _COMMAND_OPTIONS[args.command]):
+            parser.error("%s does not apply to the %s command"
+                         % (_OPTIONS[name].flag, args.command))
+    for name in set(_OPTIONS) - given:
+        option = _OPTIONS[name]
+        text = os.environ.get(option.env, "").strip()
+        if args.command is not None and name not in _COMMAND_OPTIONS[args.command]:
+            continue  # a variable of the server's does not stop a command
+        try:
+            setattr(args, name, option.from_text(text, option.env) if text else option.default)
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
 def main(argv=None):
     """Run the server until SIGINT or SIGTERM, or a command; return the exit status."""
-    parser = _build_parser()
-    # argparse also converts the defaults taken from the environment, so a bad
-    # GENESY_TASKS_PORT is reported like a bad --port.
-    args = parser.parse_args(argv)
+    args = _parse_arguments(argv)
     if args.command == "check":
         return _check_command(args)
     if args.command == "backup":
@@ -4070,8 +4297,8 @@ def main(argv=None):
     served = False
     try:
         try:
-            tasks_app = make_app(store, api_keys, header,
-                                 max_body=args.max_body, max_batch=args.max_batch)
+            tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
+                                 max_batch=args.max_batch, users=args.users)
             generated_key = None if api_keys else store.generated_api_key()
         except ValueError as error:
             print("genesy-tasks: %s (GENESY_API_KEY_HEADER)" % error, file=sys.stderr)

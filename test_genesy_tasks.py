@@ -1708,13 +1708,13 @@ def test_flags_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("GENESY_TASKS_HOST", "0.0.0.0")
     monkeypatch.setenv("GENESY_TASKS_PORT", "9000")
     monkeypatch.setenv("GENESY_TASKS_DB", "env.db")
-    args = genesy_tasks._build_parser().parse_args([])
+    args = genesy_tasks._parse_arguments([])
     assert (args.host, args.port, args.db) == ("0.0.0.0", 9000, "env.db")
-    args = genesy_tasks._build_parser().parse_args(["--port", "9100", "--db", "flag.db"])
+    args = genesy_tasks._parse_arguments(["--port", "9100", "--db", "flag.db"])
     assert (args.host, args.port, args.db) == ("0.0.0.0", 9100, "flag.db")
     monkeypatch.setenv("GENESY_TASKS_PORT", "eighty")
     with pytest.raises(SystemExit):
-        genesy_tasks._build_parser().parse_args([])
+        genesy_tasks._parse_arguments([])
 
 
 @pytest.mark.parametrize("env, value, attribute, parsed", [
@@ -1727,7 +1727,7 @@ def test_flags_win_over_the_environment(monkeypatch):
 def test_every_server_option_has_its_environment_variable(monkeypatch, env, value,
                                                           attribute, parsed):
     monkeypatch.setenv(env, value)
-    assert getattr(genesy_tasks._build_parser().parse_args([]), attribute) == parsed
+    assert getattr(genesy_tasks._parse_arguments([]), attribute) == parsed
 
 
 def test_help_documents_every_option(capsys):
@@ -2996,7 +2996,8 @@ def test_fuzzed_requests_never_fail_the_server_and_refusals_change_nothing(tmp_p
 
 def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
     import schemathesis
-    application = make_app(str(tmp_path / "schemathesis.db"), api_keys=KEY)
+    application = make_app(str(tmp_path / "schemathesis.db"), api_keys=KEY,
+                           users=[{"id": "user-1", "name": "Ana", "email": "ana@example.com"}])
     application.store.create_many([{"subject": "seed %d" % n} for n in range(3)])
     # Refusals are the statuses the API documents; 413 is an oversized batch.
     # The key is given as the document's security scheme, so that Schemathesis
@@ -3004,10 +3005,10 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
     config = schemathesis.config.SchemathesisConfig.from_dict({
         "auth": {"openapi": {"apiKey": {"api_key": KEY}}},
         "checks": {"negative_data_rejection": {
-            "expected-statuses": [400, 401, 404, 405, 413, 415, 422]}}})
+            "expected-statuses": [400, 401, 404, 405, 410, 413, 415, 422]}}})
     schema = schemathesis.openapi.from_wsgi("/openapi.json", application, config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 9  # every route but /openapi.json, which it reads instead
+    assert len(operations) == 11  # every route but /openapi.json, which it reads instead
 
     failures = []
     for operation, mode in itertools.product(operations, list(schemathesis.GenerationMode)):
