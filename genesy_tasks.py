@@ -3837,20 +3837,24 @@ def _expect_error_body(result, what):
 
 
 def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=False,
-                       out=None):
+                       out=None, owner_id=None, contact_id=None, company_id=None):
     """Run Genesy's calls against the server at ``url``; print a line per check.
 
     Returns the number of failed checks. Tasks it creates have CHECK_SUBJECT
     in their subject and are deleted afterwards where the server allows it.
+    They carry ``owner_id``, ``contact_id`` and ``company_id``, for a CRM that
+    refuses ids it does not know; without ``owner_id``, the first user of GET
+    /users if the server offers it.
     """
     out = out or sys.stdout
     client = _CheckClient(url, key, header, timeout, insecure)
     marker = "%s %s" % (CHECK_SUBJECT, secrets.token_hex(4))
     missing = "genesy-check-missing-" + secrets.token_hex(8)
     sent = {"subject": marker, "description": "Created by genesy-tasks check",
-            "type": "call", "ownerId": "genesy-check-owner",
-            "dueDate": "2030-01-15T10:00:00Z", "contactId": "genesy-check-contact",
-            "companyId": "genesy-check-company"}
+            "type": "call", "ownerId": owner_id or "genesy-check-owner",
+            "dueDate": "2030-01-15T10:00:00Z",
+            "contactId": contact_id or "genesy-check-contact",
+            "companyId": company_id or "genesy-check-company"}
     created, state, failures = [], {}, []
 
     def path_of(task_id):
@@ -3873,6 +3877,23 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
         result = client.call("GET", "/health", key="genesy-check-wrong-key")
         _expect_status(result, (401,), "GET /health with a wrong key")
         return "GET /health with a wrong key -> 401"
+
+    def check_users():
+        result = client.call("GET", "/users")
+        if result[0] in (404, 405, 501):
+            return "GET /users -> %d: not offered, so Genesy turns owner selection off" \
+                % result[0]
+        _expect_status(result, (200,), "GET /users")
+        try:
+            users = _check_users(result[1], "GET /users")
+        except ValueError as error:
+            raise _CheckFailed("%s (expected [{\"id\", \"name\", \"email\"?}])"
+                               % error) from None
+        if users and owner_id is None:
+            sent["ownerId"] = users[0]["id"]
+        return "GET /users -> 200, %d users, each with an id and a name%s" % (
+            len(users), "; tasks go to the first, %s" % users[0]["id"]
+            if users and owner_id is None else "")
 
     def check_create():
         state["task"] = create("POST /tasks")
@@ -3968,6 +3989,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
     checks = [
         ("health", check_health),
         ("health refuses a wrong key", check_health_key),
+        ("users (optional)", check_users),
         ("create", check_create),
         ("get", check_get),
         ("missing task is a 404", check_missing),
@@ -4082,6 +4104,12 @@ def _build_parser():
                        help="the header that carries the key (env GENESY_API_KEY_HEADER)")
     option("db", check, "where to find a generated key when none is given, opened read-only")
     check.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
+    for field in ("owner", "contact", "company"):
+        check.add_argument(
+            "--%s-id" % field, help="the %sId of the tasks it creates, for a CRM that refuses "
+                                    "ids it does not know%s" % (field, " (default: the first "
+                                    "user of GET /users, if offered)" if field == "owner"
+                                                                 else ""))
     check.add_argument("--insecure", action="store_true",
                        help="accept any TLS certificate (a self-signed test server)")
     backup = commands.add_parser(
@@ -4243,7 +4271,9 @@ def _check_command(args):
               "(no generated key found in %s)" % args.db, file=sys.stderr)
         return 2
     try:
-        failed = run_contract_check(args.url, key, args.header, args.timeout, args.insecure)
+        failed = run_contract_check(args.url, key, args.header, args.timeout, args.insecure,
+                                    owner_id=args.owner_id, contact_id=args.contact_id,
+                                    company_id=args.company_id)
     except ValueError as error:
         print("genesy-tasks check: %s" % error, file=sys.stderr)
         return 2

@@ -1795,9 +1795,9 @@ def test_check_passes_against_this_server_and_cleans_up(server):
     status, lines = _check("http://%s:%d" % (server.host, server.port), "--api-key", KEY)
     assert status == 0, "\n".join(lines)
     results = [line for line in lines if line.startswith(("PASS", "FAIL"))]
-    assert len(results) == 11 and all(line.startswith("PASS  ") for line in results)
+    assert len(results) == 12 and all(line.startswith("PASS  ") for line in results)
     assert "cleanup: deleted the 3 tasks the check created" in lines
-    assert lines[-1] == "11 checks: 11 passed, 0 failed"
+    assert lines[-1] == "12 checks: 12 passed, 0 failed"
     with TaskStore(server.db) as store:
         assert store.count() == 0
 
@@ -1810,7 +1810,7 @@ def test_check_as_a_command_finds_a_fresh_servers_generated_key(tmp_path):
         cwd=str(tmp_path), env=environment, capture_output=True, text=True, timeout=60)
     running.stop()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines()[-1] == "11 checks: 11 passed, 0 failed"
+    assert done.stdout.splitlines()[-1] == "12 checks: 12 passed, 0 failed"
 
 
 def _broken_server(db_path, fault):
@@ -1910,7 +1910,7 @@ def test_check_catches_a_broken_server_with_a_precise_line(db_path, fault, faile
     assert status == 1, output
     assert sorted(re.findall(r"^FAIL  ([^:]+):", output, re.M)) == sorted(failed), output
     assert re.search("^" + line + "$", output, re.M), output
-    assert lines[-1] == "11 checks: %d passed, %d failed" % (11 - len(failed), len(failed))
+    assert lines[-1] == "12 checks: %d passed, %d failed" % (12 - len(failed), len(failed))
 
 
 def test_check_says_what_it_left_behind_when_delete_is_not_supported(db_path):
@@ -1935,7 +1935,7 @@ def test_check_against_nothing_fails_fast_with_the_reason(tmp_path):
     status, lines = _check("http://127.0.0.1:%d" % port, "--api-key", KEY, "--timeout", "2")
     assert status == 1
     assert re.match(r"FAIL  health: cannot talk to .*refused", lines[1])
-    assert lines[-1] == "11 checks: 0 passed, 11 failed"
+    assert lines[-1] == "12 checks: 0 passed, 12 failed"
 
 
 def test_check_needs_a_key_and_an_http_url(tmp_path, monkeypatch, capsys):
