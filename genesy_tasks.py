@@ -1240,10 +1240,13 @@ class TaskStore:
         _check_limit(limit)
         position = 0 if after is None else _decode_cursor(after)
         rows = self._connection().execute(_SELECT_CHANGES, (position, limit)).fetchall()
-        if any(row[0] == -1 for row in rows):
+        expired = any(row[0] == -1 for row in rows)
+        # Without after, the feed starts from what it kept: nothing was missed.
+        if expired and after is not None:
             raise ChangesForgotten(
                 "changes before this cursor were forgotten (deletions are kept %d days); "
                 "start again without after" % DELETIONS_KEPT_DAYS)
+        rows = [row for row in rows if row[0] != -1]
         if rows:
             position = rows[-1][0]
         return b'{"changes":%s,"nextCursor":"%d"}' % (_json_array(row[1] for row in rows),

@@ -1212,22 +1212,174 @@ def test_concurrent_writers_lose_nothing_and_never_see_locked(db_path, tasks_app
 
 # -- embedding ------------------------------------------------------------------------------
 
-def test_the_app_mounts_inside_a_crms_bottle_app(db_path):
+def _bottle_crm():
+    """A Bottle CRM with what hurt under the old mount: a login hook and HTML errors."""
     crm = bottle.Bottle()
+    seen = []
 
-    @crm.get("/contacts")
-    def contacts():
-        return {"contacts": []}
+    @crm.hook("before_request")
+    def login():
+        seen.append(bottle.request.path)
+        if not bottle.request.path.startswith("/login"):
+            bottle.redirect("/login")
 
-    crm.mount("/genesy/", make_app(db_path, api_keys=KEY))
-    client = webtest.TestApp(crm)
+    @crm.get("/login")
+    def login_page():
+        return "<form>log in</form>"
+
+    @crm.error(404)
+    def not_found(error):
+        return "<h1>The CRM's own 404</h1>"
+
+    return crm, seen
+
+
+def _flask_crm():
+    import flask
+    crm = flask.Flask("crm")
+    seen = []
+
+    @crm.before_request
+    def login():
+        seen.append(flask.request.path)
+        if flask.request.path != "/login":
+            return flask.redirect("/login")
+
+    @crm.route("/login")
+    def login_page():
+        return "<form>log in</form>"
+
+    return crm, seen
+
+
+def _plain_wsgi_crm():
+    seen = []
+
+    def crm(environ, start_response):
+        seen.append(environ["PATH_INFO"])
+        start_response("302 Found", [("Location", "/login"), ("Content-Length", "0")])
+        return [b""]
+    return crm, seen
+
+
+def _werkzeug_dispatcher(crm, tasks):
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+    crm.wsgi_app = DispatcherMiddleware(crm.wsgi_app, {"/genesy": tasks})
+    return crm
+
+
+# The README's recipes, each the way it is written there.
+MOUNT_RECIPES = {
+    "bottle": (_bottle_crm, lambda crm, tasks: genesy_tasks.mount(crm, "/genesy", tasks)),
+    "flask": (_flask_crm, lambda crm, tasks: setattr(
+        crm, "wsgi_app", genesy_tasks.mount(crm.wsgi_app, "/genesy", tasks)) or crm),
+    "flask-dispatcher-middleware": (_flask_crm, _werkzeug_dispatcher),
+    "any-wsgi": (_plain_wsgi_crm, lambda crm, tasks: genesy_tasks.mount(crm, "/genesy/", tasks)),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(MOUNT_RECIPES))
+def test_mounted_under_a_prefix_every_answer_is_the_apis_own(db_path, recipe):
+    build_crm, mount = MOUNT_RECIPES[recipe]
+    crm, seen = build_crm()
+    tasks = make_app(db_path, api_keys=KEY)
+    client = webtest.TestApp(mount(crm, tasks))
+    # The CRM's own pages keep their hook.
+    assert client.get("/contacts", status=302).headers["Location"].endswith("/login")
+    assert seen == ["/contacts"]
+    client.get("/genesy/health", headers=HEADERS, status=200)
     response = client.post_json("/genesy/tasks", {"subject": "x"}, headers=HEADERS, status=201)
-    assert response.headers["Location"] == "/genesy/tasks/" + response.json["id"]
-    client.get(response.headers["Location"], headers=HEADERS, status=200)
-    client.post_json("/genesy/tasks/batch", {"ids": [response.json["id"]]}, headers=HEADERS,
-                     status=200)
-    client.get("/genesy/health", status=401)
-    assert client.get("/contacts", status=200).json == {"contacts": []}
+    task = response.json
+    assert response.headers["Location"] == "/genesy/tasks/" + task["id"]
+    assert client.get(response.headers["Location"], headers=HEADERS).json == task
+    client.post_json("/genesy/tasks/batch", {"ids": [task["id"]]}, headers=HEADERS, status=200)
+    assert_error(client.get("/genesy/health", status=401), 401)
+    # 404 and 405 are the API's JSON, naming the path as the client sent it.
+    body = assert_error(client.get("/genesy/nope", headers=HEADERS, status=404), 404)
+    assert body["message"] == "No route for GET /genesy/nope"
+    response = client.get("/genesy/tasks/batch", headers=HEADERS, status=405)
+    assert assert_error(response, 405)["message"] == (
+        "GET is not allowed on /genesy/tasks/batch; allowed: PATCH, POST")
+    assert_error(client.delete("/genesy/tasks/batch", status=405), 405)
+    # The dashboard and the OpenAPI document know where they are.
+    assert client.get("/genesy/openapi.json").json["servers"] == [{"url": "/genesy"}]
+    assert seen == ["/contacts"]  # no request below the prefix reached the CRM
+    tasks.close()
+
+
+def test_mount_refuses_the_root_prefix(tasks_app):
+    with pytest.raises(ValueError, match="prefix"):
+        genesy_tasks.mount(bottle.Bottle(), "/", tasks_app)
+
+
+def test_the_app_answers_a_dispatchers_prefix_in_its_messages(tasks_app):
+    # Under any dispatcher that sets SCRIPT_NAME (a WSGI server's mount
+    # point too), messages carry the prefix.
+    client = webtest.TestApp(tasks_app, extra_environ={"SCRIPT_NAME": "/crm/genesy"})
+    body = assert_error(client.get("/nope", headers=HEADERS, status=404), 404)
+    assert body["message"] == "No route for GET /crm/genesy/nope"
+
+
+def _open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thread_per_request_server_keeps_open_files_bounded(db_path):
+    # Flask's own development server starts a thread per connection; closing
+    # each connection makes it a thread per request.
+    from werkzeug.serving import make_server
+    crm, _ = _flask_crm()
+    tasks = make_app(db_path, api_keys=KEY)
+    task = tasks.store.create({"subject": "read a thousand times"})
+    crm.wsgi_app = genesy_tasks.mount(crm.wsgi_app, "/genesy", tasks)
+    server = make_server("127.0.0.1", 0, crm, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def get():
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+            conn.request("GET", "/genesy/tasks/" + task["id"],
+                         headers={**HEADERS, "Connection": "close"})
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())["id"]) == (200, task["id"])
+            conn.close()
+
+        for _ in range(20):  # warm up: the first connections, imports, caches
+            get()
+        before = _open_files()
+        for _ in range(1000):
+            get()
+        # Without taking over finished threads' connections: 3 files each.
+        assert _open_files() <= before + 12
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+        tasks.close()
+
+
+def test_connections_of_finished_threads_are_reused_then_closed(store):
+    def read():
+        store.count()
+
+    for _ in range(50):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    # One connection follows the threads from one to the next.
+    assert len(store._owners) + len(store._idle) <= 2
+    barrier = threading.Barrier(20)
+    threads = [threading.Thread(target=lambda: (barrier.wait(10), read())) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Twenty at once needed twenty; the next thread to want one closes all
+    # but a few, kept for the threads to come.
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    assert len(store._owners) + len(store._idle) <= genesy_tasks._IDLE_CONNECTIONS + 1
 
 
 def test_importing_the_module_creates_no_file(tmp_path):
@@ -1247,6 +1399,601 @@ def test_the_module_level_app_is_built_from_the_environment(tmp_path, monkeypatc
     client.get("/health", headers={"X-API-Key": "k1"}, status=401)
     assert (tmp_path / "env.db").exists()
     lazy._app.close()
+
+
+# -- the change feed -----------------------------------------------------------------------
+
+def _follow(store, after=None, limit=3):
+    """Poll the feed from ``after`` to its end, as a poller would: (changes, cursor)."""
+    changes = []
+    for _ in range(10_000):
+        page = store.changes(after=after, limit=limit)
+        assert isinstance(page["nextCursor"], str)
+        changes += page["changes"]
+        if not page["changes"]:
+            return changes, page["nextCursor"]
+        after = page["nextCursor"]
+    raise AssertionError("the feed did not end")
+
+
+def test_the_feed_has_each_task_once_at_its_latest_change_in_commit_order(store):
+    a = store.create({"subject": "A"})
+    b = store.create({"subject": "B"})
+    c = store.create({"subject": "C"})
+    store.update(a["id"], {"description": "changed"})
+    assert store.delete(b["id"])
+    changes, cursor = _follow(store)
+    assert [(change["taskId"], change["change"]) for change in changes] == [
+        (c["id"], "create"), (a["id"], "update"), (b["id"], "delete")]
+    assert changes[0]["task"] == c and changes[0]["at"] == c["createdAt"]
+    assert changes[1]["task"] == store.get(a["id"])
+    assert changes[1]["at"] == changes[1]["task"]["updatedAt"]
+    assert changes[2]["task"] is None and ISO_UTC.match(changes[2]["at"])
+    # Nothing new: an empty page, and the same cursor to come back with.
+    assert store.changes(after=cursor) == {"changes": [], "nextCursor": cursor}
+    store.set_completed_many([a["id"], c["id"]], True)
+    store.set_completed_many([a["id"], c["id"]], True)  # a retry changes nothing
+    store.update(c["id"], {"subject": "C"})              # nor does the same value
+    later, _ = _follow(store, cursor)
+    assert [(change["taskId"], change["task"]["completed"]) for change in later] == [
+        (a["id"], True), (c["id"], True)]
+
+
+def test_a_poller_following_the_cursors_ends_with_every_tasks_latest_state(store):
+    # Random writes between polls of a few changes each: what the poller
+    # built from the feed is exactly what the store holds.
+    import random
+    rng = random.Random(12)
+    seen, cursor, ids = {}, None, []
+    for step in range(300):
+        action = rng.random()
+        if action < 0.35 or not ids:
+            ids.append(store.create({"subject": "task %d" % step})["id"])
+        elif action < 0.6:
+            store.update(rng.choice(ids), {"description": "step %d" % step,
+                                           "completed": rng.random() < 0.5})
+        elif action < 0.75:
+            store.set_completed_many(rng.sample(ids, min(3, len(ids))), rng.random() < 0.5)
+        elif action < 0.85:
+            store.delete(ids.pop(rng.randrange(len(ids))))
+        if rng.random() < 0.3:
+            page = store.changes(after=cursor, limit=rng.randint(1, 4))
+            for change in page["changes"]:
+                seen[change["taskId"]] = change["task"]
+            cursor = page["nextCursor"]
+    changes, _ = _follow(store, cursor)
+    for change in changes:
+        seen[change["taskId"]] = change["task"]
+    assert {task_id: task for task_id, task in seen.items() if task is not None} == {
+        task["id"]: task for task in store.list(limit=500)["tasks"]}
+
+
+def test_the_feed_sees_a_crms_own_sql_on_the_contracts_columns_only(store, db_path):
+    task = store.create({"subject": "A"})
+    _, cursor = _follow(store)
+    crm = sqlite3.connect(db_path)
+    crm.execute("ALTER TABLE genesy_tasks ADD COLUMN crm_note TEXT")
+    crm.execute("UPDATE genesy_tasks SET crm_note = 'the CRM''s own column'")
+    crm.commit()
+    assert store.changes(after=cursor)["changes"] == []
+    crm.execute("UPDATE genesy_tasks SET subject = 'renamed by the CRM'")
+    crm.commit()
+    crm.close()
+    [change] = store.changes(after=cursor)["changes"]
+    assert (change["change"], change["task"]["subject"]) == ("update", "renamed by the CRM")
+    assert change["taskId"] == task["id"]
+
+
+def test_the_feed_stays_as_large_as_the_tasks_plus_recent_deletions(store, db_path):
+    ids = store.create_many([{"subject": "t%d" % n} for n in range(30)])
+    for round_ in range(5):
+        store.set_completed_many(ids, round_ % 2 == 0)
+    for task_id in ids[:10]:
+        store.delete(task_id)
+
+    def rows():
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            return conn.execute("SELECT count(*) FROM genesy_changes").fetchone()[0]
+
+    assert rows() == 30  # 20 tasks, 10 deletions
+    # Deletions older than DELETIONS_KEPT_DAYS go at the next deletion, and a
+    # cursor from before them is refused: it may have missed one.
+    old_cursor = _follow(store, limit=500)[1]
+    stale = store.changes(limit=1)["nextCursor"]
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("UPDATE genesy_changes SET at = '2000-01-01T00:00:00.000Z' "
+                     "WHERE change = 'delete'")
+        conn.commit()
+    store.delete(ids[10])
+    assert rows() == 20
+    with pytest.raises(genesy_tasks.ChangesForgotten, match="start again without after"):
+        store.changes(after=stale)
+    assert store.changes(after=old_cursor)["changes"][0]["taskId"] == ids[10]
+    assert len(_follow(store, limit=500)[0]) == 20  # without after: from the oldest kept
+
+
+def test_get_changes_over_http(api, store):
+    task = create(api)
+    response = api.get("/changes", headers=HEADERS, status=200)
+    assert response.content_type == "application/json"
+    assert response.json == {"changes": [{"taskId": task["id"], "change": "create",
+                                          "task": task, "at": task["createdAt"]}],
+                             "nextCursor": response.json["nextCursor"]}
+    cursor = response.json["nextCursor"]
+    api.patch_json("/tasks/" + task["id"], {"completed": True}, headers=HEADERS)
+    page = api.get("/changes?after=%s&limit=1" % cursor, headers=HEADERS).json
+    assert [change["change"] for change in page["changes"]] == ["update"]
+    assert page["changes"][0]["task"]["completed"] is True
+    assert_error(api.get("/changes", status=401), 401)
+    for query, mentions in (("after=abc", "cursor"), ("limit=0", "limit"),
+                            ("limit=501", "limit"), ("since=1", "unknown"),
+                            ("after=1&after=2", "more than once")):
+        assert_error(api.get("/changes?" + query, headers=HEADERS, status=400), 400,
+                     mentions=[mentions])
+
+
+def test_an_expired_cursor_is_a_410(api, store, db_path):
+    store.delete(create(api)["id"])
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("UPDATE genesy_changes SET at = '2000-01-01T00:00:00.000Z'")
+        conn.commit()
+    store.delete(create(api)["id"])
+    body = assert_error(api.get("/changes?after=0", headers=HEADERS, status=410), 410,
+                        "Cursor expired", ["without after"])
+    assert "7 days" in body["message"]
+    assert api.get("/changes", headers=HEADERS, status=200).json["changes"][0]["change"] \
+        == "delete"
+
+
+_SCHEMA_V3_TASKS = [
+    ("task-a", "A", "2024-01-01T00:00:00.000Z", "2024-01-03T00:00:00.000Z"),
+    ("task-b", "B", "2024-01-02T00:00:00.000Z", "2024-01-02T00:00:00.000Z"),
+]
+
+
+def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
+    store = TaskStore(db_path)
+    store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3, by hand
+        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_deleted"):
+            conn.execute("DROP TRIGGER %s" % name)
+        conn.execute("DROP TABLE genesy_changes")
+        conn.execute("ALTER TABLE genesy_tasks DROP COLUMN change_seq")
+        conn.executemany("INSERT INTO genesy_tasks (id, subject, created_at, updated_at) "
+                         "VALUES (?, ?, ?, ?)", _SCHEMA_V3_TASKS)
+        conn.execute("UPDATE genesy_meta SET value = '3' WHERE key = 'schema_version'")
+        conn.commit()
+    with TaskStore(db_path) as store:
+        changes, _ = _follow(store)
+        # In the order of their last change; created and never changed is a create.
+        assert [(c["taskId"], c["change"]) for c in changes] == [
+            ("task-b", "create"), ("task-a", "update")]
+        store.update("task-b", {"completed": True})
+        assert [c["taskId"] for c in _follow(store)[0]] == ["task-a", "task-b"]
+
+
+# -- subscribers -----------------------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, changes):
+        self.calls.append(changes)
+
+    def wait(self, count):
+        _wait_for(lambda: len(self.calls) >= count)
+        return self.calls
+
+
+def test_a_subscriber_gets_each_commits_changes_in_the_feeds_shape(store):
+    recorder = _Recorder()
+    unsubscribe = store.subscribe(recorder)
+    task = store.create({"subject": "A"})
+    store.update(task["id"], {"completed": True})
+    store.update(task["id"], {"completed": True})  # no change, no call
+    store.set_completed_many([task["id"], "task-missing"], False)
+    store.delete(task["id"])
+    calls = recorder.wait(4)
+    assert [[(c["taskId"], c["change"]) for c in call] for call in calls] == [
+        [(task["id"], "create")], [(task["id"], "update")], [(task["id"], "update")],
+        [(task["id"], "delete")]]
+    assert calls[0][0] == {"taskId": task["id"], "change": "create", "task": task,
+                           "at": task["createdAt"]}
+    assert calls[1][0]["task"]["completed"] is True
+    assert calls[2][0]["task"]["completed"] is False and calls[3][0]["task"] is None
+    # The subscriber's changes are the feed's, but for the task's state then.
+    assert set(calls[1][0]) == {"taskId", "change", "task", "at"}
+    unsubscribe()
+    store.create({"subject": "after unsubscribing"})
+    store.close()  # hands over what was committed, then stops
+    assert len(recorder.calls) == 4
+
+
+def test_a_subscriber_never_hears_of_a_write_that_was_rolled_back(db_path, monkeypatch):
+    store = TaskStore(db_path)
+    recorder = _Recorder()
+    store.subscribe(recorder)
+    kept = store.create({"subject": "kept"})
+
+    def fail(*args):
+        raise RuntimeError("failure after the UPDATE ran")
+
+    monkeypatch.setattr(genesy_tasks, "_in_request_order", fail)
+    with pytest.raises(RuntimeError):
+        store.set_completed_many([kept["id"]], True)
+    monkeypatch.undo()
+    group = store.start_commit_group()
+    store.create({"subject": "in a group that is lost"})
+    group.lost = sqlite3.OperationalError("lost")
+    with pytest.raises(sqlite3.OperationalError):
+        store.finish_commit_group()
+    store._roll_back(store._connection())
+    store.start_commit_group()
+    store.create({"subject": "in a group that commits"})
+    assert recorder.calls == [[recorder.calls[0][0]]]  # nothing before the group's commit
+    store.finish_commit_group()
+    store.close()
+    assert [[c["task"]["subject"] for c in call] for call in recorder.calls] == [
+        ["kept"], ["in a group that commits"]]
+
+
+def test_a_failing_subscriber_is_logged_and_fails_nothing(tasks_app, capfd):
+    def broken(changes):
+        raise ValueError("the subscriber's own bug")
+
+    recorder = _Recorder()
+    tasks_app.store.subscribe(broken)
+    tasks_app.store.subscribe(recorder)
+    api = webtest.TestApp(tasks_app)
+    task = create(api)
+    recorder.wait(1)  # the next subscriber is still called
+    err = []
+    _wait_for(lambda: err.append(capfd.readouterr().err) or "own bug" in "".join(err))
+    assert re.search(r"genesy-tasks: subscriber <function .*broken.*> failed:\n"
+                     r"Traceback .*ValueError: the subscriber's own bug", "".join(err), re.S)
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
+
+
+def test_subscribers_under_the_built_in_server_hear_after_the_group_commits(db_path):
+    store = TaskStore(db_path)
+    recorder = _Recorder()
+    store.subscribe(recorder)
+    application = make_app(store, api_keys=KEY)
+    with _server_thread(application) as server:
+        creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
+                   for n in range(10)]
+        responses = _pipelined(server.port, *creates,
+                               _request_bytes("GET", "/health", headers={"Connection": "close"}))
+        assert [status for status, _, _ in responses] == [201] * 10 + [200]
+        _wait_for(lambda: sum(len(call) for call in recorder.calls) == 10)
+    assert [c["task"]["subject"] for call in recorder.calls for c in call] == [
+        "burst %02d" % n for n in range(10)]
+    application.close()
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _known_contacts_only(task, previous):
+    if task["contactId"] not in (None, "contact-1"):
+        raise TaskValidationError("unknown contact: %s" % task["contactId"])
+
+
+def test_a_validator_refuses_creates_and_updates_with_a_400_and_writes_nothing(db_path):
+    calls = []
+
+    def validate(task, previous):
+        calls.append((dict(task), previous and dict(previous)))
+        _known_contacts_only(task, previous)
+
+    application = make_app(db_path, api_keys=KEY, validate=validate)
+    api = webtest.TestApp(application)
+    body = assert_error(api.post_json("/tasks", {"subject": "x", "contactId": "contact-9"},
+                                      headers=HEADERS, status=400), 400, "Invalid request")
+    assert body["message"] == "unknown contact: contact-9"
+    assert application.store.count() == 0
+    task = create(api, contactId="contact-1")
+    assert calls[-1] == (task, None)
+    assert_error(api.patch_json("/tasks/" + task["id"], {"contactId": "contact-9"},
+                                headers=HEADERS, status=400), 400, mentions=["contact-9"])
+    assert calls[-1][1] == task and calls[-1][0]["contactId"] == "contact-9"
+    assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
+    done = api.patch_json("/tasks/" + task["id"], {"completed": True}, headers=HEADERS).json
+    assert calls[-1] == (done, task)
+    application.close()
+
+
+def test_a_validator_refusing_one_task_of_a_batch_completes_none(db_path):
+    def validate(task, previous):
+        if task["completed"] and task["subject"] == "not yet":
+            raise TaskValidationError("%s cannot be completed yet" % task["id"])
+
+    application = make_app(db_path, api_keys=KEY, validate=validate)
+    api = webtest.TestApp(application)
+    ok, refused = create(api, subject="fine"), create(api, subject="not yet")
+    assert_error(api.patch_json("/tasks/batch", {"ids": [ok["id"], refused["id"]],
+                                                 "completed": True},
+                                headers=HEADERS, status=400), 400, mentions=[refused["id"]])
+    assert [t["completed"] for t in application.store.get_many([ok["id"], refused["id"]])] \
+        == [False, False]
+    application.close()
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served):
+    TaskStore(db_path).close()
+    with contextlib.closing(sqlite3.connect(db_path)) as crm:
+        crm.execute("CREATE TABLE contacts (id TEXT PRIMARY KEY)")
+        crm.execute("INSERT INTO contacts VALUES ('contact-1')")
+        crm.execute("""CREATE TRIGGER crm_known_contacts BEFORE INSERT ON genesy_tasks
+            WHEN NEW.contact_id IS NOT NULL
+             AND NEW.contact_id NOT IN (SELECT id FROM contacts)
+            BEGIN SELECT RAISE(ABORT, 'unknown contact'); END""")
+        crm.commit()
+    application = make_app(db_path, api_keys=KEY)
+    if served:
+        with _server_thread(application) as server:
+            responses = _pipelined(server.port, *[
+                _request_bytes("POST", "/tasks", {"subject": "x", "contactId": contact})
+                for contact in ("contact-9", "contact-1")],
+                _request_bytes("GET", "/health", headers={"Connection": "close"}))
+        assert [status for status, _, _ in responses] == [400, 201, 200]
+        assert responses[0][2] == {"error": "Invalid request", "message": "unknown contact"}
+    else:
+        api = webtest.TestApp(application)
+        assert assert_error(api.post_json("/tasks", {"subject": "x", "contactId": "contact-9"},
+                                          headers=HEADERS, status=400), 400)["message"] \
+            == "unknown contact"
+        create(api, contactId="contact-1")
+    assert [task["contactId"] for task in application.store.list()["tasks"]] == ["contact-1"]
+    application.close()
+
+
+# -- users ------------------------------------------------------------------------------------
+
+USERS = [{"id": "user-1", "name": "Ana", "email": "ana@example.com"},
+         {"id": "user-2", "name": "Bo"}]
+
+
+def test_get_users_from_a_list_or_a_function(db_path):
+    for users in (USERS, lambda: USERS):
+        application = make_app(db_path, api_keys=KEY, users=users)
+        api = webtest.TestApp(application)
+        response = api.get("/users", headers=HEADERS, status=200)
+        assert (response.content_type, response.json) == ("application/json", USERS)
+        assert_error(api.get("/users", status=401), 401)
+        assert "/users" in api.get("/openapi.json").json["paths"]
+        application.close()
+
+
+def test_without_users_get_users_is_a_json_404(api):
+    assert_error(api.get("/users", headers=HEADERS, status=404), 404, "Not found")
+    assert "/users" not in api.get("/openapi.json").json["paths"]
+
+
+@pytest.mark.parametrize("users, mentions", [
+    ({"id": "u"}, "array"),
+    (["user-1"], "users[0] must be an object"),
+    ([{"id": "u"}], "users[0].name"),
+    ([{"id": "", "name": "A"}], "users[0].id"),
+    ([{"id": 1, "name": "A"}], "users[0].id"),
+    ([{"id": "u", "name": "A", "email": None}], "users[0].email"),
+    ([{"id": "u", "name": "A", "mail": "a@b"}], "unknown field 'mail'"),
+    ([{"id": "u", "name": "A"}, {"id": "u", "name": "B"}], "given twice"),
+])
+def test_users_are_validated(db_path, users, mentions):
+    with pytest.raises(ValueError, match=re.escape(mentions)):
+        make_app(db_path, api_keys=KEY, users=users)
+
+
+def test_a_users_function_returning_nonsense_is_a_logged_500(db_path):
+    application = make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u"}])
+    response = webtest.TestApp(application).get("/users", headers=HEADERS, status=500,
+                                                expect_errors=True)
+    assert_error(response, 500)
+    assert "name must be a non-empty string" in response.errors
+    application.close()
+
+
+def test_users_from_a_file_on_the_command_line(tmp_path):
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps(USERS))
+    running = Server(tmp_path, "--users", str(users))
+    try:
+        assert running.request("GET", "/users")[::2] == (200, USERS)
+        status, lines = _check("http://%s:%d" % (running.host, running.port), "--api-key", KEY)
+        assert status == 0, lines
+        assert "PASS  users (optional): GET /users -> 200, 2 users, each with an id and a " \
+               "name; tasks go to the first, user-1" in lines
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"--users: cannot read \S+missing.json: No such file"),
+    ("[{", r"--users: \S+users.json is not valid JSON"),
+    ('[{"id": "u"}]', r"--users: \S+users.json\[0\].name must be a non-empty string"),
+])
+def test_a_bad_users_file_stops_the_start_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / ("missing.json" if content is None else "users.json")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stopped:
+        genesy_tasks.main(["--users", str(path), "--db", str(tmp_path / "t.db")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "t.db").exists()
+
+
+def test_check_reports_users_that_break_the_contract(db_path):
+    application = make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u", "nom": "A"}])
+    with _server_thread(application) as server:
+        status, lines = _check("http://127.0.0.1:%d" % server.port, "--api-key", KEY)
+    assert status == 1
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        "FAIL  users (optional): GET /users -> 500 {\"error\":\"Internal server error\","
+        "\"message\":\"the server failed to handle the request; the error was logged\"} "
+        "(expected 200)"]
+    application.close()
+
+
+# -- one table of options ---------------------------------------------------------------------
+
+def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, monkeypatch):
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps(USERS))
+    monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("GENESY_API_KEY", KEY)
+    monkeypatch.setenv("GENESY_TASKS_MAX_BATCH", "5")
+    monkeypatch.setenv("GENESY_TASKS_MAX_BODY", "300")
+    monkeypatch.setenv("GENESY_TASKS_BUSY_TIMEOUT", "0.25")
+    monkeypatch.setenv("GENESY_TASKS_USERS", str(users))
+    lazy = genesy_tasks._LazyApp()
+    client = webtest.TestApp(lazy)
+    assert_error(client.post_json("/tasks/batch", {"ids": ["t"] * 6}, headers=HEADERS,
+                                  status=413), 413, "Batch too large")
+    assert_error(client.post_json("/tasks", {"subject": "x" * 300}, headers=HEADERS,
+                                  status=413), 413, "Payload too large")
+    assert client.get("/users", headers=HEADERS).json == USERS
+    assert lazy._app.store.busy_timeout == 0.25
+    lazy._app.close()
+    # Every option the table gives the app is one of make_app's arguments.
+    import inspect
+    accepted = set(inspect.signature(make_app).parameters)
+    assert {name for name, option in genesy_tasks._OPTIONS.items() if option.app} == {
+        "db", "max_batch", "max_body", "busy_timeout", "users"}
+    assert {"max_batch", "max_body", "busy_timeout", "users"} <= accepted
+
+
+def test_a_bad_variable_under_gunicorn_is_a_json_500_and_one_logged_line(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("GENESY_TASKS_MAX_BATCH", "lots")
+    lazy = genesy_tasks._LazyApp()
+    client = webtest.TestApp(lazy)
+    logged = []
+    for _ in range(2):
+        response = client.get("/health", headers=HEADERS, status=500, expect_errors=True)
+        assert_error(response, 500, mentions=["misconfigured"])
+        logged.append(response.errors)
+    assert logged == ["genesy-tasks: cannot start: GENESY_TASKS_MAX_BATCH: 'lots' is not a "
+                      "whole number\n", ""]  # once
+    monkeypatch.setenv("GENESY_TASKS_MAX_BATCH", "5")
+    client.get("/health", headers=HEADERS, status=401)  # fixed: built on the next request
+    lazy._app.close()
+
+
+def test_options_before_a_command_apply_to_it(tmp_path, capsys):
+    crm = str(tmp_path / "crm.db")
+    with TaskStore(crm) as store:
+        store.create({"subject": "in the CRM's file"})
+    dest = str(tmp_path / "backup.db")
+    assert genesy_tasks.main(["--db", crm, "backup", dest]) == 0
+    with TaskStore(dest) as copy:
+        assert copy.count() == 1
+    for argv, flag in ((["--port", "9", "check", "http://x"], "--port"),
+                       (["--max-batch", "5", "backup", dest], "--max-batch")):
+        with pytest.raises(SystemExit) as stopped:
+            genesy_tasks.main(argv)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.strip().endswith("%s does not apply to the %s command (see --help)"
+                                    % (flag, argv[2])), err
+
+
+def test_make_app_takes_the_busy_timeout(db_path):
+    application = make_app(db_path, api_keys=KEY, busy_timeout=0.5)
+    assert application.store.busy_timeout == 0.5
+    with application.store._connection() as conn:
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 500
+    application.close()
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+def test_a_generated_key_in_a_file_others_can_read_gets_one_warning(tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.delenv("GENESY_API_KEY", raising=False)
+    crm = tmp_path / "crm.db"
+    sqlite3.connect(str(crm)).close()  # made by the CRM, with the umask's mode
+    os.chmod(str(crm), 0o644)
+    make_app(str(crm)).close()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["genesy-tasks: warning: %s holds the generated API key and other users "
+                   "can read it (mode 0644); run chmod 600 %s, or set GENESY_API_KEY"
+                   % (crm, crm)]
+    make_app(str(crm), api_keys=KEY).close()  # a key of one's own: nothing to say
+    os.chmod(str(crm), 0o600)
+    make_app(str(crm)).close()
+    assert capsys.readouterr().err == ""
+
+
+# -- the example CRM ----------------------------------------------------------------------------
+
+def _example_crm():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "example_crm", os.path.join(HERE, "examples", "crm.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def example_crm(tmp_path):
+    module = _example_crm()
+    crm = module.CRM(str(tmp_path / "crm.db"), api_keys=KEY)
+    for contact in module.EXAMPLE_CONTACTS:
+        crm.add_contact(*contact)
+    yield crm
+    crm.close()
+
+
+def test_the_example_crm_refuses_unknown_contacts_and_records_completions(example_crm):
+    client = webtest.TestApp(example_crm.application)
+    body = assert_error(client.post_json("/genesy/tasks", {"subject": "x", "contactId": "c-9"},
+                                         headers=HEADERS, status=400), 400)
+    assert body["message"] == "contactId 'c-9' is not a contact of this CRM"
+    task = client.post_json("/genesy/tasks", {"subject": "<b>Call</b>", "contactId": "contact-1"},
+                            headers=HEADERS, status=201).json
+    client.patch_json("/genesy/tasks/" + task["id"], {"completed": True}, headers=HEADERS)
+    _wait_for(lambda: example_crm.activities("contact-1"))
+    [(text, _)] = example_crm.activities("contact-1")
+    assert text == "Completed: <b>Call</b>"
+    page = client.get("/contacts/contact-1").text
+    # The task, through TaskStore, and the activity, both escaped.
+    assert page.count("&lt;b&gt;Call&lt;/b&gt;") == 2 and "<b>Call" not in page
+    assert "done" in page
+    client.get("/contacts/contact-9", status=404)
+    assert_error(client.get("/genesy/nope", headers=HEADERS, status=404), 404)
+
+
+def test_python_examples_crm_py_runs_and_passes_the_check(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GENESY_")}
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "examples", "crm.py")], cwd=str(tmp_path),
+        env={**environment, "CRM_PORT": str(port), "GENESY_API_KEY": KEY},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def up():
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+        _wait_for(up, timeout=20)
+        url = "http://127.0.0.1:%d/genesy" % port
+        status, lines = _check(url, "--api-key", KEY, "--contact-id", "contact-1")
+        assert status == 0, lines
+        assert lines[-1] == "12 checks: 12 passed, 0 failed"
+        # Without a contact it knows, the CRM refuses the check's tasks, as it should.
+        status, lines = _check(url, "--api-key", KEY)
+        assert status == 1 and "is not a contact of this CRM" in "\n".join(lines)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 # -- the example database ----------------------------------------------------------------------
