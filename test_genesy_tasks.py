@@ -1307,6 +1307,17 @@ def test_mounted_under_a_prefix_every_answer_is_the_apis_own(db_path, recipe):
     tasks.close()
 
 
+def test_the_readmes_mount_recipes_are_the_tested_ones():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        text = readme.read()
+    for line in ('application = mount(crm, "/genesy", api)',
+                 'crm.wsgi_app = mount(crm.wsgi_app, "/genesy", api)',
+                 'application = mount(wsgi_application, "/genesy", api)',
+                 'DispatcherMiddleware(crm.wsgi_app, {"/genesy": api})'):
+        assert line in text, line
+    assert 'crm.mount("/genesy/", make_app' not in text  # the merge that answers in HTML
+
+
 def test_mount_refuses_the_root_prefix(tasks_app):
     with pytest.raises(ValueError, match="prefix"):
         genesy_tasks.mount(bottle.Bottle(), "/", tasks_app)

@@ -13,11 +13,13 @@ targets of the performance issue, and writes the same figures as JSON.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -132,13 +134,22 @@ SINGLE_TASK_ENDPOINTS = ("GET /tasks/<id>", "POST /tasks", "PATCH /tasks/<id>")
 
 # -- databases ---------------------------------------------------------------------
 
+def _read_only(path):
+    return sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+
+
 def seed_database(size):
-    """A database of ``size`` tasks made through TaskStore, reused when it exists."""
+    """A database of ``size`` tasks made through TaskStore, reused when it exists.
+
+    A database made by an earlier release is reused as it is (read here without
+    upgrading it): the servers upgrade their own copies, so an A/B run can give
+    an earlier release a file it can open.
+    """
     os.makedirs(DATA, exist_ok=True)
     path = os.path.join(DATA, "tasks-%d.db" % size)
     if os.path.exists(path):
-        with genesy_tasks.TaskStore(path) as store:
-            if store.count() >= size:
+        with contextlib.closing(_read_only(path)) as conn:
+            if conn.execute("SELECT count(*) FROM genesy_tasks").fetchone()[0] >= size:
                 return path
         os.remove(path)
     partial = path + ".partial"
@@ -180,8 +191,7 @@ def _sample_task(rng, n):
 
 def sample_ids(path, count=ID_SAMPLE):
     """Existing task ids spread over the whole table, in random order."""
-    with genesy_tasks.TaskStore(path) as store:
-        conn = store._connection()
+    with contextlib.closing(_read_only(path)) as conn:
         top = conn.execute("SELECT max(seq) FROM genesy_tasks").fetchone()[0]
         rng = random.Random(42)
         seqs = sorted({rng.randrange(1, top + 1) for _ in range(count)})
@@ -203,7 +213,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_until_serving(port, process, timeout=10.0):
+def wait_until_serving(port, process, timeout=120.0):
     """Seconds until a TCP connection and an HTTP answer succeed."""
     started = time.monotonic()
     request = ("GET /health HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nConnection: close\r\n\r\n"
@@ -389,6 +399,7 @@ def main(argv=None):
             # Each size gets a fresh copy, so the write runs start from the same state.
             db = os.path.join(workdir, "run-%d.db" % size)
             shutil.copyfile(paths[size], db)
+            genesy_tasks.TaskStore(db).close()  # an upgrade, if any, is not a start
             ids = sample_ids(db)
             scripts = write_scripts(workdir, ids)
             # The in-process limit is measured three times around the server's
