@@ -31,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -450,11 +451,15 @@ _SET_COMPLETED_MANY = (
 _SELECT_TO_COMPLETE = ("SELECT %s FROM genesy_tasks WHERE id IN (SELECT value FROM "
                        "json_each(?)) AND completed_at IS %%s NULL" % _COLUMNS)
 _UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
-# One page of the change feed, and the oldest cursor it can still serve (a
-# row with seq -1 when the cursor is older), read in one statement: one snapshot.
+# One page of the change feed, and whether the cursor is one the feed can
+# still serve (a row with seq -1 when it is not), in one statement: one
+# snapshot. A cursor is refused when it is older than a deletion forgotten
+# since, or beyond the last position ever given (the file was restored from a
+# backup, or replaced): either way, changes after it may be missed.
 _SELECT_CHANGES = (
-    "SELECT -1, NULL FROM genesy_meta WHERE key = 'changes_forgotten' "
-    "AND CAST(value AS INTEGER) > ?1 UNION ALL SELECT * FROM ("
+    "SELECT -1, NULL WHERE ?1 > coalesce((SELECT seq FROM sqlite_sequence "
+    "WHERE name = 'genesy_changes'), 0) OR ?1 < coalesce((SELECT CAST(value AS INTEGER) "
+    "FROM genesy_meta WHERE key = 'changes_forgotten'), 0) UNION ALL SELECT * FROM ("
     "SELECT c.seq, json_object('taskId', c.task_id, 'change', c.change, 'task', "
     "json(CASE WHEN genesy_tasks.id IS NULL THEN NULL ELSE %s END), 'at', c.at) "
     "FROM genesy_changes AS c LEFT JOIN genesy_tasks ON genesy_tasks.id = c.task_id "
@@ -494,9 +499,9 @@ def _check_limit(limit):
         raise TaskValidationError("limit must be a whole number from 1 to %d" % MAX_LIST_LIMIT)
 
 
-def _decode_cursor(cursor):
+def _decode_cursor(cursor, name="cursor"):
     if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
-        raise TaskValidationError("cursor must be a nextCursor this server returned")
+        raise TaskValidationError("%s must be a nextCursor this server returned" % name)
     return int(cursor)
 
 
@@ -557,7 +562,8 @@ class IdempotencyKeyReused(Exception):
 
 
 class ChangesForgotten(Exception):
-    """A change feed cursor older than the deletions the feed still keeps."""
+    """A change feed cursor the feed cannot serve without missing changes: older
+    than the deletions it keeps, or beyond its end (a restored database)."""
 
 
 # Connections kept open for threads to come when the threads that used them
@@ -1238,14 +1244,15 @@ class TaskStore:
     def changes_json(self, after=None, limit=DEFAULT_LIST_LIMIT):
         """changes() as JSON (UTF-8 bytes)."""
         _check_limit(limit)
-        position = 0 if after is None else _decode_cursor(after)
+        position = 0 if after is None else _decode_cursor(after, "after")
         rows = self._connection().execute(_SELECT_CHANGES, (position, limit)).fetchall()
         expired = any(row[0] == -1 for row in rows)
         # Without after, the feed starts from what it kept: nothing was missed.
         if expired and after is not None:
             raise ChangesForgotten(
-                "changes before this cursor were forgotten (deletions are kept %d days); "
-                "start again without after" % DELETIONS_KEPT_DAYS)
+                "this cursor is older than the changes kept (deletions are kept %d days) "
+                "or newer than any (the database was restored or replaced); start again "
+                "without after" % DELETIONS_KEPT_DAYS)
         rows = [row for row in rows if row[0] != -1]
         if rows:
             position = rows[-1][0]
@@ -1366,6 +1373,12 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
 #: sets MET_LOCK_KEY beside its 503, and the server retries instead of sending it.
 RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
 MET_LOCK_KEY = "genesy_tasks.met_lock"
+# Set by the app on an answer that rests on nothing its commit group wrote: a
+# health check, a request refused for its own content (a validator, a CRM's
+# constraint). It stands even if the group is lost (a trigger's
+# RAISE(ROLLBACK) loses it): a refusal replaced by a 503 would be retried for
+# ever.
+INDEPENDENT_KEY = "genesy_tasks.independent"
 # How often the checkpointer looks at the WAL's length.
 _CHECKPOINT_INTERVAL = 0.05
 # PASSIVE checkpoints run until at most this many pages are left for the
@@ -1829,15 +1842,22 @@ def _users_file(path):
 
 
 def _warn_if_others_can_read(path):
-    """One line when the generated key sits in a file other users can read."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & 0o044:
-        _report(sys.stderr, "genesy-tasks: warning: %s holds the generated API key and other "
-                            "users can read it (mode %04o); run chmod 600 %s, or set "
-                            "GENESY_API_KEY\n" % (path, mode & 0o7777, path))
+    """One line when the generated key sits in files other users can read: the
+    database, and its -wal and -shm files, which hold its recent pages."""
+    readable = []
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode
+        except OSError:
+            continue
+        if mode & 0o044:
+            readable.append("%s (mode %04o)" % (name, mode & 0o7777))
+    if readable:
+        files = " ".join(shlex.quote(name) for name in
+                         (path, path + "-wal", path + "-shm") if os.path.exists(name))
+        _report(sys.stderr, "genesy-tasks: warning: other users can read the generated API "
+                            "key in %s; run chmod 600 %s, or set GENESY_API_KEY\n"
+                % (", ".join(readable), files))
 
 
 def mount(app, prefix, tasks_app):
@@ -2464,6 +2484,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             except RequestError as error:
                 return _error_response(error.status, error.title, error.message, error.headers)
             except TaskValidationError as error:
+                environ[INDEPENDENT_KEY] = True
                 return _error_response(400, "Invalid request", str(error))
             except IdempotencyKeyReused as error:
                 return _error_response(422, "Idempotency key reused", str(error))
@@ -2526,6 +2547,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     @app.get("/health")
     @api
     def health(environ):
+        environ[INDEPENDENT_KEY] = True
         return b'{"status":"ok"}'
 
     @app.get("/tasks")
@@ -3598,7 +3620,8 @@ class TaskServer:
             conn.transport.write(head + body)
             self._log("%s %s %.2fms" % (request, status[:3], elapsed))
             return
-        self._held.append((conn, head + body, self._group.writing,
+        depends = self._group.writing and not environ.get(INDEPENDENT_KEY)
+        self._held.append((conn, head + body, depends,
                            (keep_alive, http10, head_only), (request, status[:3], elapsed)))
         self._held_bytes += len(body)
         if len(self._held) >= _GROUP_MAX_RESPONSES or self._held_bytes >= _GROUP_MAX_BYTES:

@@ -1536,11 +1536,27 @@ def test_get_changes_over_http(api, store):
     assert [change["change"] for change in page["changes"]] == ["update"]
     assert page["changes"][0]["task"]["completed"] is True
     assert_error(api.get("/changes", status=401), 401)
-    for query, mentions in (("after=abc", "cursor"), ("limit=0", "limit"),
+    for query, mentions in (("after=abc", "after"), ("limit=0", "limit"),
                             ("limit=501", "limit"), ("since=1", "unknown"),
                             ("after=1&after=2", "more than once")):
         assert_error(api.get("/changes?" + query, headers=HEADERS, status=400), 400,
                      mentions=[mentions])
+
+
+def test_a_cursor_beyond_the_feed_is_a_410_after_a_restore(api, store, tmp_path):
+    create(api)
+    backup = str(tmp_path / "backup.db")
+    genesy_tasks.backup_database(store.path, backup)
+    create(api)
+    create(api)
+    cursor = api.get("/changes", headers=HEADERS).json["nextCursor"]  # 3
+    restored = make_app(backup, api_keys=KEY)  # the file as it was before the second
+    client = webtest.TestApp(restored)
+    create(client)
+    assert_error(client.get("/changes?after=" + cursor, headers=HEADERS, status=410), 410,
+                 "Cursor expired", ["restored"])
+    assert len(client.get("/changes", headers=HEADERS).json["changes"]) == 2
+    restored.close()
 
 
 def test_an_expired_cursor_is_a_410(api, store, db_path):
@@ -1760,6 +1776,27 @@ def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served):
     application.close()
 
 
+def test_a_trigger_that_rolls_back_is_still_a_400_for_its_request_under_the_server(db_path):
+    # RAISE(ROLLBACK) ends the commit group's transaction: the writes before it
+    # in the group are lost (503, retry), but the refused request's own answer
+    # is its refusal, not a 503 that a client would retry for ever.
+    TaskStore(db_path).close()
+    with contextlib.closing(sqlite3.connect(db_path)) as crm:
+        crm.execute("""CREATE TRIGGER crm_refuses BEFORE INSERT ON genesy_tasks
+            WHEN NEW.subject = 'refused' BEGIN SELECT RAISE(ROLLBACK, 'refused by the CRM'); END""")
+        crm.commit()
+    application = make_app(db_path, api_keys=KEY)
+    with _server_thread(application) as server:
+        responses = _pipelined(server.port, *[
+            _request_bytes("POST", "/tasks", {"subject": subject})
+            for subject in ("before", "refused")],
+            _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    assert [status for status, _, _ in responses] == [503, 400, 200]
+    assert responses[1][2] == {"error": "Invalid request", "message": "refused by the CRM"}
+    assert application.store.count() == 0
+    application.close()
+
+
 # -- users ------------------------------------------------------------------------------------
 
 USERS = [{"id": "user-1", "name": "Ana", "email": "ana@example.com"},
@@ -1929,11 +1966,16 @@ def test_a_generated_key_in_a_file_others_can_read_gets_one_warning(tmp_path, mo
     crm = tmp_path / "crm.db"
     sqlite3.connect(str(crm)).close()  # made by the CRM, with the umask's mode
     os.chmod(str(crm), 0o644)
-    make_app(str(crm)).close()
+    application = make_app(str(crm))
     err = capsys.readouterr().err.splitlines()
-    assert err == ["genesy-tasks: warning: %s holds the generated API key and other users "
-                   "can read it (mode 0644); run chmod 600 %s, or set GENESY_API_KEY"
-                   % (crm, crm)]
+    # The WAL file holds recent pages, the key's among them: it is named too.
+    assert err == ["genesy-tasks: warning: other users can read the generated API key in "
+                   "%s (mode 0644), %s-wal (mode 0644); run chmod 600 %s %s-wal %s-shm, or "
+                   "set GENESY_API_KEY" % (crm, crm, crm, crm, crm)] or err == [
+        "genesy-tasks: warning: other users can read the generated API key in "
+        "%s (mode 0644), %s-wal (mode 0644), %s-shm (mode 0644); run chmod 600 %s %s-wal "
+        "%s-shm, or set GENESY_API_KEY" % (crm, crm, crm, crm, crm, crm)]
+    application.close()
     make_app(str(crm), api_keys=KEY).close()  # a key of one's own: nothing to say
     os.chmod(str(crm), 0o600)
     make_app(str(crm)).close()
