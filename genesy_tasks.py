@@ -310,16 +310,19 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 # The change feed (GET /changes, TaskStore.changes): one row per task, its
 # latest change, which a new change replaces at the end of the feed, so the
 # feed is as large as the table plus the deletions of the last
-# DELETIONS_KEPT_DAYS. A task's change_seq points at its row: replacing it is
-# a delete and an append by rowid, with no index to maintain. Triggers write
-# the feed, so that every writer is in it: this server, a CRM's own SQL,
-# another process. They fire on the contract's columns only: a CRM's update of
-# a column of its own, or a migration filling one, is no change.
+# DELETIONS_KEPT_DAYS. Triggers write it, so that every writer is in it: this
+# server, a CRM's own SQL, another process. They fire on the contract's
+# columns only (a CRM's update of a column of its own is no change), and never
+# write genesy_tasks, so a CRM's own triggers on it fire for its writes alone.
+# Each deletes the task's previous row by task_id itself, rather than by
+# INSERT OR REPLACE, whose conflict policy an outer statement's would override.
 _CHANGE_AT_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+_CHANGES_CUTOFF = ("strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
+                   % DELETIONS_KEPT_DAYS)
 _CHANGES_TABLE = [
     """CREATE TABLE genesy_changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- the feed's order, never reused
-    task_id  TEXT NOT NULL,
+    task_id  TEXT NOT NULL UNIQUE,
     change   TEXT NOT NULL,  -- create, update or delete
     at       TEXT NOT NULL
 )""",
@@ -327,30 +330,30 @@ _CHANGES_TABLE = [
 ]
 _CHANGES_TRIGGERS = [
     """CREATE TRIGGER genesy_tasks_created AFTER INSERT ON genesy_tasks BEGIN
+    DELETE FROM genesy_changes WHERE task_id = NEW.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'create', NEW.created_at);
-    UPDATE genesy_tasks SET change_seq = last_insert_rowid() WHERE seq = NEW.seq;
 END""",
+    # A changed id is the old task's deletion and the new one's update.
     """CREATE TRIGGER genesy_tasks_updated AFTER UPDATE OF id, subject, description, type,
     owner_id, due_date, contact_id, company_id, completed_at, created_at, updated_at
     ON genesy_tasks BEGIN
-    DELETE FROM genesy_changes WHERE seq = OLD.change_seq;
+    DELETE FROM genesy_changes WHERE task_id IN (OLD.id, NEW.id);
+    INSERT INTO genesy_changes (task_id, change, at) SELECT OLD.id, 'delete', %(now)s
+        WHERE OLD.id IS NOT NEW.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'update', NEW.updated_at);
-    UPDATE genesy_tasks SET change_seq = last_insert_rowid() WHERE seq = NEW.seq;
-END""",
+END""" % {"now": _CHANGE_AT_NOW},
     # A deletion also forgets those older than DELETIONS_KEPT_DAYS, and
     # remembers up to where: a cursor from before then may have missed one.
     """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
-    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(seq)
+    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(max(seq), coalesce(
+            (SELECT CAST(value AS INTEGER) FROM genesy_meta WHERE key = 'changes_forgotten'), 0))
         FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s
         HAVING max(seq) IS NOT NULL;
     DELETE FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s;
-    DELETE FROM genesy_changes WHERE seq = OLD.change_seq;
+    DELETE FROM genesy_changes WHERE task_id = OLD.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
-END""" % {"cutoff": "strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
-                     % DELETIONS_KEPT_DAYS,
-          "now": _CHANGE_AT_NOW},
+END""" % {"cutoff": _CHANGES_CUTOFF, "now": _CHANGE_AT_NOW},
 ]
-_CHANGES_SCHEMA = ["ALTER TABLE genesy_tasks ADD COLUMN change_seq INTEGER"] + _CHANGES_TABLE
 
 
 def _split(script):
@@ -401,14 +404,10 @@ _MIGRATIONS = {
        + _split(_IDEMPOTENCY_SCHEMA),
     3: [_never_reuse_positions],
     # Every task enters the feed as it is, in the order of its last change.
-    4: _CHANGES_SCHEMA
+    4: _CHANGES_TABLE
        + ["INSERT INTO genesy_changes (task_id, change, at) SELECT id, CASE WHEN "
           "updated_at = created_at THEN 'create' ELSE 'update' END, updated_at "
-          "FROM genesy_tasks ORDER BY updated_at, seq",
-          "CREATE INDEX genesy_changes_upgrade ON genesy_changes (task_id)",
-          "UPDATE genesy_tasks SET change_seq = (SELECT seq FROM genesy_changes "
-          "WHERE task_id = genesy_tasks.id)",
-          "DROP INDEX genesy_changes_upgrade"]
+          "FROM genesy_tasks ORDER BY updated_at, seq"]
        + _CHANGES_TRIGGERS,
 }
 
@@ -596,21 +595,35 @@ class _Deliveries(threading.Thread):
         self.ready = threading.Condition()
         self.stopping = False
 
-    def put(self, changes):
+    def reserve(self):
+        """A place in the queue for a commit about to happen.
+
+        Taken while the commit's transaction holds the write lock, so places
+        are in commit order whichever thread commits; fill() it afterwards.
+        """
+        place = [None]  # None: not committed yet
         with self.ready:
-            if self.pending + len(changes) > _MAX_UNDELIVERED:
-                if not self.dropped:
-                    _report(sys.stderr, "genesy-tasks: subscribers are more than %d changes "
-                                        "behind; dropping changes (read the change feed to "
-                                        "catch up)\n" % _MAX_UNDELIVERED)
+            self.queue.append(place)
+        return place
+
+    def fill(self, place, changes):
+        """The place's commit happened, with these changes, or did not ([])."""
+        dropped = False
+        with self.ready:
+            if changes and self.pending and self.pending + len(changes) > _MAX_UNDELIVERED:
+                dropped = not self.dropped
                 self.dropped += len(changes)
-                return
-            self.queue.append(changes)
+                changes = []
+            place[0] = changes
             self.pending += len(changes)
             self.ready.notify()
+        if dropped:
+            _report(sys.stderr, "genesy-tasks: subscribers are more than %d changes behind; "
+                                "dropping changes (read the change feed to catch up)\n"
+                    % _MAX_UNDELIVERED)
 
     def stop(self, timeout=10.0):
-        """Deliver what is queued (for up to ``timeout`` seconds), then end."""
+        """Deliver what was committed (for up to ``timeout`` seconds), then end."""
         with self.ready:
             self.stopping = True
             self.ready.notify()
@@ -620,13 +633,15 @@ class _Deliveries(threading.Thread):
     def run(self):
         while True:
             with self.ready:
-                while not self.queue and not self.stopping:
+                while (not self.queue or self.queue[0][0] is None) and not self.stopping:
                     self.ready.wait()
-                if not self.queue:
-                    return
-                changes = self.queue.popleft()
+                if not self.queue or self.queue[0][0] is None:
+                    return  # stopping, and nothing more was committed
+                changes = self.queue.popleft()[0]
                 self.pending -= len(changes)
                 self.dropped = 0
+            if not changes:
+                continue
             for callback in list(self.subscribers):
                 try:
                     callback(changes)
@@ -672,7 +687,8 @@ class TaskStore:
             # store refuses is left exactly as it was.
             self._check_schema()
             self._migrate(self._connection())
-        except sqlite3.Error as error:
+        except (sqlite3.Error, TaskValidationError) as error:
+            # (A CRM's trigger may refuse what an upgrade writes.)
             self.close()
             raise StorageError("cannot use database %r: %s" % (self.path, error)) from error
 
@@ -711,8 +727,9 @@ class TaskStore:
         waits = getattr(self._local, "waits", True)
         try:
             if conn is None:
-                conn = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False, cached_statements=64)
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout if waits else 0,
+                                       isolation_level=None, check_same_thread=False,
+                                       cached_statements=64)
                 with self._connections_lock:
                     self._owners[conn] = thread
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -769,15 +786,17 @@ class TaskStore:
         """
         conn = self._connection()
         group = getattr(self._local, "group", None)
+        changes = self._local.changes = []  # for subscribers: see _changed()
         try:
             if group is not None:
                 with self._savepoint(conn, group, one_statement):
                     yield conn
+                group.changes += changes
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
-                conn.execute("COMMIT")
+                self._commit(conn, changes)
             except BaseException:
                 self._roll_back(conn)
                 raise
@@ -785,6 +804,24 @@ class TaskStore:
             # A CRM's constraint or trigger refused the write (RAISE(ABORT,
             # 'unknown contact'), a foreign key): its message says why.
             raise TaskValidationError(str(error)) from error
+        finally:
+            self._local.changes = None
+
+    def _commit(self, conn, changes):
+        """COMMIT, then hand the changes to subscribers, in commit order."""
+        place = None
+        if changes and self._subscribers:
+            # Before the COMMIT, while the write lock is held: the order of
+            # places is the order of commits.
+            place = self._delivery_thread().reserve()
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            if place is not None:
+                self._deliveries.fill(place, [])
+            raise
+        if place is not None:
+            self._deliveries.fill(place, changes)
 
     @staticmethod
     def _roll_back(conn):
@@ -803,6 +840,10 @@ class TaskStore:
                 raise sqlite3.OperationalError("database is locked (for a checkpoint)")
             conn.execute("BEGIN IMMEDIATE")
             group.connection = conn
+        if one_statement and self._has_crm_triggers(conn):
+            # SQLite undoes a failed statement by itself, unless a trigger
+            # fails it with RAISE(FAIL), which keeps what it did so far.
+            one_statement = False
         if not one_statement:
             conn.execute("SAVEPOINT genesy_write")
         try:
@@ -820,6 +861,19 @@ class TaskStore:
                     conn.execute("ROLLBACK TO genesy_write")
                     conn.execute("RELEASE genesy_write")
             raise
+
+    def _has_crm_triggers(self, conn):
+        """Whether genesy_tasks has triggers other than this module's (checked
+        again only when the schema changes)."""
+        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        known = getattr(self._local, "crm_triggers", None)
+        if known is None or known[:2] != (conn, version):
+            count = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = "
+                "'genesy_tasks' AND name NOT IN ('genesy_tasks_created', "
+                "'genesy_tasks_updated', 'genesy_tasks_deleted')").fetchone()[0]
+            known = self._local.crm_triggers = (conn, version, count > 0)
+        return known[2]
 
     def checkpoint_in_commits(self, pages):
         """Let this thread's commits checkpoint the WAL past ``pages``, as SQLite does."""
@@ -874,12 +928,10 @@ class TaskStore:
         if conn is None:
             return
         try:
-            conn.execute("COMMIT")
+            self._commit(conn, group.changes)
         except BaseException:
             self._roll_back(conn)
             raise
-        if group.changes:
-            self._deliver(group.changes)
 
     # -- subscribers ------------------------------------------------------------
 
@@ -895,9 +947,6 @@ class TaskStore:
         """
         with self._connections_lock:
             self._subscribers.append(callback)
-            if self._deliveries is None:
-                self._deliveries = _Deliveries(self._subscribers)
-                self._deliveries.start()
 
         def unsubscribe():
             with self._connections_lock:
@@ -906,17 +955,20 @@ class TaskStore:
         return unsubscribe
 
     def _changed(self, changes):
-        """Hand the changes of a write that succeeded to subscribers, once committed."""
-        group = getattr(self._local, "group", None)
-        if group is not None:
-            group.changes.extend(changes)
-        else:
-            self._deliver(changes)
+        """Inside a _write() block: its changes, for subscribers once committed."""
+        self._local.changes += changes
 
-    def _deliver(self, changes):
-        deliveries = self._deliveries
-        if deliveries is not None:
-            deliveries.put(changes)
+    def _delivery_thread(self):
+        with self._connections_lock:
+            if self._deliveries is None:  # the first subscriber's, or after close()
+                self._deliveries = _Deliveries(self._subscribers)
+                self._deliveries.start()
+            return self._deliveries
+
+    def _check(self, task, previous):
+        """Call the validator, with copies: it may keep or change what it gets."""
+        if self.validate is not None:
+            self.validate(dict(task), None if previous is None else dict(previous))
 
     def _discard_connection(self):
         """Close this thread's connection after an operational error.
@@ -966,7 +1018,7 @@ class TaskStore:
             version = self._schema_version(conn)
             if version is None:
                 statements = (_split(_SCHEMA) + _split(_IDEMPOTENCY_SCHEMA)
-                              + _CHANGES_SCHEMA + _CHANGES_TRIGGERS)
+                              + _CHANGES_TABLE + _CHANGES_TRIGGERS)
             elif version > SCHEMA_VERSION:  # written by another process since _check_schema
                 raise _newer_schema(version)
             else:
@@ -1031,27 +1083,26 @@ class TaskStore:
 
     # -- tasks ------------------------------------------------------------------
 
-    def _new_task(self, fields):
+    @staticmethod
+    def _new_task(fields):
         """The whole new task for ``fields``, and its row for _INSERT."""
         task = validate_new_task(fields)
         ms, now = _now()
         task_id = new_task_id(ms)
         row = ((task_id,) + tuple(task.values())
                + (now, now, _utc_instant_or_null(task["dueDate"])))
-        task = {"id": task_id, **task, "completed": False, "completedAt": None,
-                "createdAt": now, "updatedAt": now}
-        if self.validate is not None:
-            self.validate(dict(task), None)
-        return task, row
+        return {"id": task_id, **task, "completed": False, "completedAt": None,
+                "createdAt": now, "updatedAt": now}, row
 
     @_recovering
     def create(self, fields):
         """Create a task from the create fields of ``fields``; return it whole."""
         task, row = self._new_task(fields)
         with self._write(one_statement=True) as conn:
+            self._check(task, None)
             conn.execute(_INSERT, row)
-        if self._subscribers:
-            self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
+            if self._subscribers:
+                self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
         return task
 
     @_recovering
@@ -1079,13 +1130,14 @@ class TaskStore:
                     raise IdempotencyKeyReused(
                         "this Idempotency-Key was used with a different request body")
                 return json.loads(found[1]), True
+            self._check(task, None)  # after the lookup: a replay is no new write
             conn.execute(_INSERT, row)
             conn.execute("INSERT INTO genesy_idempotency VALUES (?, ?, ?, ?)",
                          (key, fingerprint, json.dumps(task, ensure_ascii=False), now_ms))
             conn.execute("DELETE FROM genesy_idempotency WHERE created_ms < ?",
                          (now_ms - IDEMPOTENCY_TTL * 1000,))
-        if self._subscribers:
-            self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
+            if self._subscribers:
+                self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
         return task, False
 
     @_recovering
@@ -1093,10 +1145,12 @@ class TaskStore:
         """Create many tasks in one transaction (an import); return their ids in order."""
         new = [self._new_task(fields) for fields in tasks]
         with self._write() as conn:
+            for task, _ in new:
+                self._check(task, None)
             conn.executemany(_INSERT, [row for _, row in new])
-        if self._subscribers and new:
-            self._changed([_change("create", task["id"], task, task["createdAt"])
-                           for task, _ in new])
+            if self._subscribers:
+                self._changed([_change("create", task["id"], task, task["createdAt"])
+                               for task, _ in new])
         return [task["id"] for task, _ in new]
 
     def get(self, task_id):
@@ -1140,8 +1194,7 @@ class TaskStore:
             if not changed:
                 return task
             updated["updatedAt"] = now
-            if self.validate is not None:
-                self.validate(dict(updated), task)
+            self._check(updated, task)
             columns = [_UPDATABLE_COLUMNS[name] for name in changed]
             values = [updated[name] for name in changed]
             if "dueDate" in changed:
@@ -1151,8 +1204,8 @@ class TaskStore:
                 "UPDATE genesy_tasks SET %s, updated_at = ? WHERE seq = ?"
                 % ", ".join(column + " = ?" for column in columns),
                 values + [now, row[-1]])
-        if self._subscribers:
-            self._changed([_change("update", task_id, dict(updated), now)])
+            if self._subscribers:
+                self._changed([_change("update", task_id, dict(updated), now)])
         return updated
 
     @_recovering
@@ -1163,8 +1216,8 @@ class TaskStore:
         with self._write(one_statement=True) as conn:
             deleted = conn.execute("DELETE FROM genesy_tasks WHERE id = ?",
                                    (task_id,)).rowcount > 0
-        if deleted and self._subscribers:
-            self._changed([_change("delete", task_id, None, _now()[1])])
+            if deleted and self._subscribers:
+                self._changed([_change("delete", task_id, None, _now()[1])])
         return deleted
 
     def list(self, **filters):
@@ -1293,8 +1346,8 @@ class TaskStore:
                          (now if completed else None, now, ids_json))
             found = dict(conn.execute(_SELECT_MANY, (ids_json,)))
             answer = _json_array(_in_request_order(ids, found))
-        if changes:
-            self._changed(changes)
+            if changes and self._subscribers:
+                self._changed(changes)
         return answer
 
     def _completions(self, conn, ids_json, completed, now):
@@ -1305,8 +1358,7 @@ class TaskStore:
             task = _task(row)
             updated = dict(task, completed=completed, completedAt=now if completed else None,
                            updatedAt=now)
-            if self.validate is not None:
-                self.validate(dict(updated), task)
+            self._check(updated, task)
             changes.append(_change("update", task["id"], updated, now))
         return changes
 
@@ -2444,18 +2496,23 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         (Genesy's "owner selection off").
     :param validate: see :class:`TaskStore`; set on the store.
     """
-    store = (db_path if isinstance(db_path, TaskStore)
-             else TaskStore(db_path, busy_timeout=busy_timeout))
-    if validate is not None:
-        store.validate = validate
     if users is not None and not callable(users):
         users = _json_bytes(_check_users(users, "users"))
+    key_environ = _environ_key(header)
     keys = _parse_api_keys(api_keys)
+    opened = not isinstance(db_path, TaskStore)
+    store = TaskStore(db_path, busy_timeout=busy_timeout) if opened else db_path
+    if validate is not None:
+        store.validate = validate
     if not keys:
-        keys = [store.generated_api_key()]
+        try:
+            keys = [store.generated_api_key()]
+        except BaseException:
+            if opened:  # nobody else will
+                store.close()
+            raise
         _warn_if_others_can_read(store.path)
     keys = [key.encode("utf-8") for key in keys]
-    key_environ = _environ_key(header)
     app = TasksApp(store, max_body, max_batch)
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
 
@@ -2633,8 +2690,7 @@ def _app_from_environment():
     """The app as configured by the environment (used by ``app``): every
     GENESY_TASKS_* option that applies to the app, as on the command line.
     Raises ValueError or StorageError, with one line, when it cannot be built."""
-    options = {name: value for name, value in _environment_options().items()
-               if _OPTIONS[name].app}
+    options = _environment_options(app_only=True)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     app = make_app(options.pop("db"), api_keys, header, **options)
@@ -2663,7 +2719,7 @@ class _LazyApp:
                 if self._app is None:
                     try:
                         self._app = _app_from_environment()
-                    except (ValueError, StorageError) as error:
+                    except (ValueError, StorageError, sqlite3.Error) as error:
                         if str(error) != self._failure:
                             self._failure = str(error)
                             _report(environ.get("wsgi.errors", sys.stderr),
@@ -4227,10 +4283,13 @@ _OPTIONS = _options(
 _COMMAND_OPTIONS = {"check": {"db"}, "backup": {"db"}}
 
 
-def _environment_options():
-    """Every option's value from its environment variable, else its default."""
+def _environment_options(app_only=False):
+    """Every option's value (or the application's only) from its environment
+    variable, else its default."""
     values = {}
     for option in _OPTIONS.values():
+        if app_only and not option.app:
+            continue  # the built-in server's: no business of gunicorn's
         text = os.environ.get(option.env, "").strip()
         values[option.name] = option.from_text(text, option.env) if text else option.default
     return values

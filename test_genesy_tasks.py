@@ -1585,7 +1585,6 @@ def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
         for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_deleted"):
             conn.execute("DROP TRIGGER %s" % name)
         conn.execute("DROP TABLE genesy_changes")
-        conn.execute("ALTER TABLE genesy_tasks DROP COLUMN change_seq")
         conn.executemany("INSERT INTO genesy_tasks (id, subject, created_at, updated_at) "
                          "VALUES (?, ?, ?, ?)", _SCHEMA_V3_TASKS)
         conn.execute("UPDATE genesy_meta SET value = '3' WHERE key = 'schema_version'")
@@ -1597,6 +1596,46 @@ def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
             ("task-b", "create"), ("task-a", "update")]
         store.update("task-b", {"completed": True})
         assert [c["taskId"] for c in _follow(store)[0]] == ["task-a", "task-b"]
+
+
+def test_a_crms_own_triggers_fire_for_writes_only_never_for_the_feed_or_its_upgrade(db_path):
+    store = TaskStore(db_path)
+    kept = store.create({"subject": "from release 3", "contactId": "contact-1"})
+    store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3
+        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_deleted"):
+            conn.execute("DROP TRIGGER %s" % name)
+        conn.execute("DROP TABLE genesy_changes")
+        conn.execute("UPDATE genesy_meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("CREATE TABLE crm_audit (what TEXT)")
+        conn.execute("""CREATE TRIGGER crm_audits AFTER UPDATE ON genesy_tasks
+            BEGIN INSERT INTO crm_audit VALUES ('update ' || NEW.subject); END""")
+        conn.execute("""CREATE TRIGGER crm_refuses BEFORE UPDATE ON genesy_tasks
+            WHEN NEW.contact_id = 'contact-1' AND NEW.subject = 'from release 3'
+            BEGIN SELECT RAISE(ABORT, 'the CRM refuses this update'); END""")
+        conn.commit()
+    with TaskStore(db_path) as store:  # the upgrade updates no task: nothing refused
+        assert [c["taskId"] for c in _follow(store)[0]] == [kept["id"]]
+        store.create({"subject": "new"})
+        store.update(kept["id"], {"subject": "renamed"})
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT what FROM crm_audit").fetchall() == [("update renamed",)]
+
+
+def test_a_changed_id_and_a_crms_insert_or_replace_keep_the_feed_true(store, db_path):
+    a = store.create({"subject": "A"})
+    _, cursor = _follow(store)
+    with contextlib.closing(sqlite3.connect(db_path)) as crm:
+        crm.execute("UPDATE genesy_tasks SET id = 'task-renamed' WHERE id = ?", (a["id"],))
+        crm.execute("INSERT OR REPLACE INTO genesy_tasks (id, subject, created_at, updated_at) "
+                    "VALUES ('task-renamed', 'replaced', 'x', 'x')")
+        crm.commit()
+    changes = store.changes(after=cursor)["changes"]
+    assert [(c["taskId"], c["change"]) for c in changes] == [
+        (a["id"], "delete"), ("task-renamed", "create")]
+    assert changes[1]["task"]["subject"] == "replaced"
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # one row per task still
+        assert conn.execute("SELECT count(*) FROM genesy_changes").fetchone()[0] == 2
 
 
 # -- subscribers -----------------------------------------------------------------------------
@@ -1699,6 +1738,45 @@ def test_subscribers_under_the_built_in_server_hear_after_the_group_commits(db_p
     application.close()
 
 
+def test_subscribers_hear_of_commits_in_commit_order_whatever_the_thread(db_path):
+    # A CRM trigger logs each update inside its transaction, so in commit
+    # order; the subscriber must hear them in that same order.
+    store = TaskStore(db_path)
+    task = store.create({"subject": "contended"})
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("CREATE TABLE crm_log (seq INTEGER PRIMARY KEY, description TEXT)")
+        conn.execute("""CREATE TRIGGER crm_logs AFTER UPDATE ON genesy_tasks
+            BEGIN INSERT INTO crm_log (description) VALUES (NEW.description); END""")
+        conn.commit()
+    heard = []
+    store.subscribe(lambda changes: heard.extend(c["task"]["description"] for c in changes))
+
+    def updates(thread):
+        for n in range(60):
+            store.update(task["id"], {"description": "%d-%d" % (thread, n)})
+
+    threads = [threading.Thread(target=updates, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        committed = [row[0] for row in conn.execute("SELECT description FROM crm_log ORDER BY seq")]
+    assert len(committed) == 240 and heard == committed
+
+
+def test_subscribers_keep_hearing_after_close_as_the_store_is_used_again(db_path):
+    store = TaskStore(db_path)
+    recorder = _Recorder()
+    store.subscribe(recorder)
+    store.create({"subject": "before"})
+    store.close()
+    store.create({"subject": "after"})  # the store opens again, and so does delivery
+    recorder.wait(2)
+    store.close()
+
+
 # -- validation ------------------------------------------------------------------------------
 
 def _known_contacts_only(task, previous):
@@ -1795,6 +1873,51 @@ def test_a_trigger_that_rolls_back_is_still_a_400_for_its_request_under_the_serv
     assert responses[1][2] == {"error": "Invalid request", "message": "refused by the CRM"}
     assert application.store.count() == 0
     application.close()
+
+
+def test_a_validator_runs_inside_the_write_and_never_refuses_a_replay(db_path):
+    contacts = {"contact-1"}
+    locked = []
+
+    def validate(task, previous):
+        # Inside the write transaction: another writer cannot get in.
+        with contextlib.closing(sqlite3.connect(db_path, timeout=0)) as other:
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                locked.append("locked" in str(error))
+        if task["contactId"] not in contacts:
+            raise TaskValidationError("unknown contact")
+
+    store = TaskStore(db_path, validate=validate)
+    first, replayed = store.create_idempotent({"subject": "x", "contactId": "contact-1"}, "k1")
+    contacts.clear()  # the contact is deleted; Genesy retries the create
+    assert store.create_idempotent({"subject": "x", "contactId": "contact-1"}, "k1") == (
+        first, True)
+    with pytest.raises(TaskValidationError):
+        store.create({"subject": "y", "contactId": "contact-1"})
+    with pytest.raises(TaskValidationError):
+        store.create_many([{"subject": "z", "contactId": "contact-1"}])
+    assert locked == [True] * 3 and store.count() == 1
+    store.close()
+
+
+def test_a_trigger_that_fails_half_way_in_a_commit_group_keeps_nothing(db_path):
+    # RAISE(FAIL) keeps what its statement did so far: here, the task row.
+    store = TaskStore(db_path)
+    with contextlib.closing(sqlite3.connect(db_path)) as crm:
+        crm.execute("""CREATE TRIGGER crm_fails AFTER INSERT ON genesy_tasks
+            WHEN NEW.subject = 'refused' BEGIN SELECT RAISE(FAIL, 'refused late'); END""")
+        crm.commit()
+    store.start_commit_group()
+    store.create({"subject": "before"})
+    with pytest.raises(TaskValidationError, match="refused late"):
+        store.create({"subject": "refused"})
+    store.create({"subject": "after"})
+    store.finish_commit_group()
+    assert _visible_elsewhere(db_path) == ["after", "before"]
+    assert [c["task"]["subject"] for c in _follow(store)[0]] == ["before", "after"]
+    store.close()
 
 
 # -- users ------------------------------------------------------------------------------------
@@ -1956,6 +2079,32 @@ def test_make_app_takes_the_busy_timeout(db_path):
     with application.store._connection() as conn:
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 500
     application.close()
+
+
+def test_the_wsgi_app_ignores_the_built_in_servers_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("GENESY_API_KEY", KEY)
+    monkeypatch.setenv("GENESY_TASKS_PORT", "${PORT}")  # a platform's, for another server
+    lazy = genesy_tasks._LazyApp()
+    webtest.TestApp(lazy).get("/health", headers=HEADERS, status=200)
+    lazy._app.close()
+
+
+def test_the_event_loops_new_connections_never_wait_for_a_lock(db_path):
+    store = TaskStore(db_path)
+    store.never_wait_on_this_thread()
+    store._discard_connection()  # as after an error: the next call opens a new one
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("PRAGMA locking_mode = EXCLUSIVE")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE crm_x (a)")
+    other.execute("COMMIT")  # the exclusive lock is kept
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.count()
+    assert time.monotonic() - started < 1  # not the 5-second busy timeout
+    other.close()
+    store.close()
 
 
 # -- secrets --------------------------------------------------------------------------------
