@@ -319,6 +319,8 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 _CHANGE_AT_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _CHANGES_CUTOFF = ("strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
                    % DELETIONS_KEPT_DAYS)
+_CONTRACT_COLUMNS = ("id, subject, description, type, owner_id, due_date, contact_id, "
+                     "company_id, completed_at, created_at, updated_at")
 _CHANGES_TABLE = [
     """CREATE TABLE genesy_changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- the feed's order, never reused
@@ -333,15 +335,18 @@ _CHANGES_TRIGGERS = [
     DELETE FROM genesy_changes WHERE task_id = NEW.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'create', NEW.created_at);
 END""",
-    # A changed id is the old task's deletion and the new one's update.
-    """CREATE TRIGGER genesy_tasks_updated AFTER UPDATE OF id, subject, description, type,
-    owner_id, due_date, contact_id, company_id, completed_at, created_at, updated_at
-    ON genesy_tasks BEGIN
-    DELETE FROM genesy_changes WHERE task_id IN (OLD.id, NEW.id);
-    INSERT INTO genesy_changes (task_id, change, at) SELECT OLD.id, 'delete', %(now)s
-        WHERE OLD.id IS NOT NEW.id;
+    """CREATE TRIGGER genesy_tasks_updated AFTER UPDATE OF %(columns)s ON genesy_tasks
+    WHEN OLD.id IS NEW.id BEGIN
+    DELETE FROM genesy_changes WHERE task_id = NEW.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'update', NEW.updated_at);
-END""" % {"now": _CHANGE_AT_NOW},
+END""" % {"columns": _CONTRACT_COLUMNS},
+    # A changed id (a CRM's SQL) is the old task's deletion and the new one's update.
+    """CREATE TRIGGER genesy_tasks_renamed AFTER UPDATE OF %(columns)s ON genesy_tasks
+    WHEN OLD.id IS NOT NEW.id BEGIN
+    DELETE FROM genesy_changes WHERE task_id IN (OLD.id, NEW.id);
+    INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
+    INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'update', NEW.updated_at);
+END""" % {"columns": _CONTRACT_COLUMNS, "now": _CHANGE_AT_NOW},
     # A deletion also forgets those older than DELETIONS_KEPT_DAYS, and
     # remembers up to where: a cursor from before then may have missed one.
     """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
@@ -870,8 +875,8 @@ class TaskStore:
         if known is None or known[:2] != (conn, version):
             count = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = "
-                "'genesy_tasks' AND name NOT IN ('genesy_tasks_created', "
-                "'genesy_tasks_updated', 'genesy_tasks_deleted')").fetchone()[0]
+                "'genesy_tasks' AND name NOT IN ('genesy_tasks_created', 'genesy_tasks_updated', "
+                "'genesy_tasks_renamed', 'genesy_tasks_deleted')").fetchone()[0]
             known = self._local.crm_triggers = (conn, version, count > 0)
         return known[2]
 

@@ -1582,7 +1582,8 @@ def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
     store = TaskStore(db_path)
     store.close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3, by hand
-        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_deleted"):
+        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_renamed",
+                     "genesy_tasks_deleted"):
             conn.execute("DROP TRIGGER %s" % name)
         conn.execute("DROP TABLE genesy_changes")
         conn.executemany("INSERT INTO genesy_tasks (id, subject, created_at, updated_at) "
@@ -1603,7 +1604,8 @@ def test_a_crms_own_triggers_fire_for_writes_only_never_for_the_feed_or_its_upgr
     kept = store.create({"subject": "from release 3", "contactId": "contact-1"})
     store.close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3
-        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_deleted"):
+        for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_renamed",
+                     "genesy_tasks_deleted"):
             conn.execute("DROP TRIGGER %s" % name)
         conn.execute("DROP TABLE genesy_changes")
         conn.execute("UPDATE genesy_meta SET value = '3' WHERE key = 'schema_version'")
