@@ -362,6 +362,8 @@ END""" % {"cutoff": _CHANGES_CUTOFF, "now": _CHANGE_AT_NOW},
 
 
 def _split(script):
+    """The statements of a script without triggers: a trigger's body holds
+    semicolons of its own, which is why the triggers above are a list."""
     return [statement for statement in script.split(";") if statement.strip()]
 
 
@@ -1294,7 +1296,8 @@ class TaskStore:
         order: pass ``nextCursor`` (always given) as ``after`` to get what
         changed since. Without ``after`` it starts from the oldest change
         kept. Deletions are kept DELETIONS_KEPT_DAYS; a cursor older than a
-        deletion forgotten since raises ChangesForgotten.
+        deletion forgotten since, or beyond the feed's end (a restored
+        database), raises ChangesForgotten.
         """
         return json.loads(self.changes_json(after, limit))
 
