@@ -75,6 +75,8 @@ WAL_CHECKPOINT_PAGES = 8000
 IDEMPOTENCY_TTL = 24 * 60 * 60
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
+#: How many requests the request inspector keeps (GET /requests, the dashboard).
+DEFAULT_INSPECT = 200
 #: How long the change feed keeps a deleted task's deletion, at least (days).
 DELETIONS_KEPT_DAYS = 7
 
@@ -1830,15 +1832,285 @@ def _task_not_found(task_id):
     return RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
 
 
-class TasksApp(bottle.Bottle):
-    """The Bottle application :func:`make_app` returns; ``close()`` also closes its store."""
+# -- the request inspector ------------------------------------------------------------
 
-    def __init__(self, store, max_body, max_batch):
+# What the inspector keeps of each request, at most: memory stays bounded by
+# the number kept times these.
+_INSPECT_BODY = 64 * 1024      # the request's body
+_INSPECT_ANSWER = 4 * 1024     # the answer's body
+_INSPECT_HEADERS = 64 * 1024   # all of a request's or an answer's header names and values
+#: Requests that carry this header are the dashboard's own: not kept.
+DASHBOARD_HEADER = "X-Genesy-Dashboard"
+_REDACTED = "[redacted]"
+# Recorded requests waiting for the recording's thread, at most: past it they
+# are dropped (and counted in a log line), so a stalled disk holds up nobody.
+_MAX_UNRECORDED = 10_000
+
+
+class _BodyReplay(io.RawIOBase):
+    """A request body whose first bytes were read ahead: those, then the rest."""
+
+    def __init__(self, head, rest):
+        super().__init__()
+        self.head, self.rest = io.BytesIO(head), rest
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        data = self.head.read(size)
+        if size is None or size < 0:
+            return data + self.rest.read()
+        if len(data) < size:
+            data += self.rest.read(size - len(data))
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readline(self, size=-1):
+        line = self.head.readline(size)
+        if line.endswith(b"\n") or (size is not None and 0 <= size <= len(line)):
+            return line
+        return line + self.rest.readline(-1 if size is None or size < 0 else size - len(line))
+
+
+def _text(data):
+    return data.decode("utf-8", "replace")
+
+
+def _headers_of(environ, redacted):
+    """The request's headers as {Name: value}, the secrets' values redacted."""
+    headers, size = {}, 0
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:]
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            name = key
+        else:
+            continue
+        name = "-".join(part.capitalize() for part in name.split("_"))
+        value = _REDACTED if key in redacted else _text(value.encode("latin-1", "replace"))
+        size += len(name) + len(value)
+        if size > _INSPECT_HEADERS:
+            headers["..."] = "more headers, not kept"
+            break
+        headers[name] = value
+    return headers
+
+
+class RequestInspector:
+    """The last ``capacity`` requests the app answered, with their answers.
+
+    Kept in memory for GET /requests and the dashboard, and, with ``record``,
+    appended to that file as JSON lines (created readable by its owner only).
+    Values of the API key header, Authorization and Cookie are replaced by
+    "[redacted]". The dashboard's own requests and the inspector's are not kept.
+    """
+
+    def __init__(self, capacity, key_header=DEFAULT_HEADER, record=None,
+                 max_body=DEFAULT_MAX_BODY):
+        self.capacity, self.max_body = capacity, max_body
+        self.kept = collections.deque(maxlen=capacity)
+        self.numbers = itertools.count(1)
+        self.lock = threading.Lock()
+        self.redacted = {_environ_key(key_header), "HTTP_AUTHORIZATION",
+                         "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"}
+        self.recording = _Recording(record) if record else None
+
+    def close(self):
+        if self.recording is not None:
+            self.recording.close()
+
+    def requests(self, limit):
+        with self.lock:
+            return list(itertools.islice(reversed(self.kept), limit))
+
+    def serve(self, app, environ, start_response):
+        """Run the WSGI ``app`` on this request, keeping it and its answer."""
+        started = time.perf_counter()
+        when = _now()[1]
+        whole = self.recording is not None  # the recording keeps whole bodies
+        body, size = b"", None
+        length = environ.get("CONTENT_LENGTH", "")
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if (length.isdigit() and int(length)) or chunked:
+            # Read ahead (the app reads it again from _BodyReplay), at most
+            # what the app would accept: a recording keeps whole bodies.
+            limit = self.max_body + 1 if whole else _INSPECT_BODY + 1
+            if length.isdigit():
+                limit = min(limit, int(length))
+            body = environ["wsgi.input"].read(limit)
+            environ["wsgi.input"] = _BodyReplay(body, environ["wsgi.input"])
+            size = int(length) if length.isdigit() else None
+        entry = {
+            "id": None, "time": when, "method": environ.get("REQUEST_METHOD", ""),
+            "path": _request_target(environ),
+            "request": {"headers": _headers_of(environ, self.redacted)},
+        }
+        answer = {}
+
+        def start(status, headers, exc_info=None):
+            answer["status"], answer["headers"] = status, headers
+            return start_response(status, headers, exc_info)
+
+        chunks = app(environ, start)
+        return _Answered(chunks, self, environ, entry, body, size, answer, started)
+
+    def _keep(self, environ, entry, body, size, answer, answered, total, started):
+        if environ.get(MET_LOCK_KEY):
+            return  # the server runs it again once the lock is gone: that one is kept
+        entry["durationMs"] = round((time.perf_counter() - started) * 1000, 3)
+        request = entry["request"]
+        request["bytes"] = len(body) if size is None else size
+        status = answer.get("status", "500")
+        entry["response"] = {
+            "status": int(status[:3]) if status[:3].isdigit() else 0,
+            "headers": {name: value for name, value in answer.get("headers", ())},
+            "bytes": total,
+        }
+        with self.lock:
+            entry["id"] = next(self.numbers)
+        if self.recording is not None:
+            line = dict(entry, request=dict(request, body=_text(body), truncated=False),
+                        response=dict(entry["response"], body=_text(answered),
+                                      truncated=False))
+            self.recording.append(_json_bytes(line) + b"\n")
+        request["body"] = _text(body[:_INSPECT_BODY]) if body else None
+        request["truncated"] = max(request["bytes"], len(body)) > _INSPECT_BODY
+        entry["response"]["body"] = _text(answered[:_INSPECT_ANSWER]) if answered else None
+        entry["response"]["truncated"] = total > _INSPECT_ANSWER
+        with self.lock:
+            self.kept.append(entry)
+
+
+class _Answered:
+    """The app's answer, passed on as it comes, its bytes kept for the inspector
+    (the first _INSPECT_ANSWER, or all of them for a recording)."""
+
+    def __init__(self, chunks, inspector, environ, entry, body, size, answer, started):
+        self.chunks, self.inspector, self.entry = chunks, inspector, entry
+        self.environ = environ
+        self.body, self.size, self.answer, self.started = body, size, answer, started
+        self.kept, self.total = bytearray(), 0
+        self.whole = inspector.recording is not None
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            self.total += len(chunk)
+            if self.whole:
+                self.kept += chunk
+            elif len(self.kept) <= _INSPECT_ANSWER:
+                self.kept += chunk[:_INSPECT_ANSWER + 1 - len(self.kept)]
+            yield chunk
+
+    def close(self):
+        try:
+            if hasattr(self.chunks, "close"):
+                self.chunks.close()
+        finally:
+            self.inspector._keep(self.environ, self.entry, self.body, self.size, self.answer,
+                                 bytes(self.kept), self.total, self.started)
+
+
+class _Recording(threading.Thread):
+    """Appends recorded requests to a file, from a thread of its own: no request
+    waits for the disk."""
+
+    def __init__(self, path):
+        super().__init__(name="genesy-tasks recording", daemon=True)
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as error:
+            raise ValueError("cannot open the recording file %s: %s"
+                             % (path, error.strerror or error)) from None
+        self.lines = collections.deque()
+        self.ready = threading.Condition()
+        self.stopping = False
+        self.dropped = 0
+        self.start()
+
+    def append(self, line):
+        with self.ready:
+            if len(self.lines) >= _MAX_UNRECORDED:
+                self.dropped += 1
+                return
+            self.lines.append(line)
+            self.ready.notify()
+
+    def close(self, timeout=10.0):
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        self.join(timeout)
+
+    def run(self):
+        failed = False
+        while True:
+            with self.ready:
+                while not self.lines and not self.stopping:
+                    self.ready.wait()
+                if not self.lines:
+                    break
+                lines, self.lines = self.lines, collections.deque()
+                dropped, self.dropped = self.dropped, 0
+            if dropped:
+                _report(sys.stderr, "genesy-tasks: recording: the disk is behind; %d "
+                                    "requests were not recorded\n" % dropped)
+            try:
+                data = memoryview(b"".join(lines))
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError as error:
+                if not failed:  # once, not once a request
+                    _report(sys.stderr, "genesy-tasks: cannot write the recording %s: %s\n"
+                            % (self.path, error.strerror or error))
+                failed = True
+        os.close(self.fd)
+
+
+
+
+def _request_target(environ):
+    """The request's path and query as the client sent them, where the server says."""
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if target:
+        return _text(target.encode("latin-1", "replace"))
+    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
+        "latin-1", "replace")
+    query = environ.get("QUERY_STRING", "")
+    return quote(path, safe="/%:@!$&'()*+,;=-._~") + ("?" + query if query else "")
+
+
+def _inspected(environ):
+    """Whether the inspector keeps this request: not the dashboard's, nor its own."""
+    if "HTTP_X_GENESY_DASHBOARD" in environ:
+        return False
+    return not (environ.get("REQUEST_METHOD") in ("GET", "HEAD")
+                and environ.get("PATH_INFO", "") in ("", "/", "/requests"))
+
+
+class TasksApp(bottle.Bottle):
+    """The Bottle application :func:`make_app` returns; ``close()`` also closes its
+    store. ``inspector`` is its RequestInspector, or None."""
+
+    def __init__(self, store, max_body, max_batch, inspector=None):
         super().__init__()
         self.store, self.max_body, self.max_batch = store, max_body, max_batch
+        self.inspector = inspector
+
+    def __call__(self, environ, start_response):
+        if self.inspector is not None and _inspected(environ):
+            return self.inspector.serve(self.wsgi, environ, start_response)
+        return self.wsgi(environ, start_response)
 
     def close(self):
         super().close()
+        if self.inspector is not None:
+            self.inspector.close()
         self.store.close()
 
     def default_error_handler(self, res):
@@ -1958,7 +2230,7 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 def _environ_key(header):
     """The WSGI environ key that carries a request header."""
     if not _HEADER_NAME.fullmatch(header or ""):
-        raise ValueError("invalid API key header name: %r" % (header,))
+        raise ValueError("invalid API key header name (GENESY_API_KEY_HEADER): %r" % (header,))
     if header.lower() in ("content-type", "content-length"):
         raise ValueError("the API key header cannot be %s" % header)
     return "HTTP_" + header.upper().replace("-", "_")
@@ -2322,6 +2594,37 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                     "at": timestamp}}}}}),
             **_error_responses(400, 410)},
     }}}
+    message = {"type": "object", "required": ["headers", "body", "bytes", "truncated"],
+               "properties": {"headers": {"type": "object",
+                                          "additionalProperties": {"type": "string"}},
+                              "body": {"type": ["string", "null"]},
+                              "bytes": {"type": "integer", "minimum": 0},
+                              "truncated": {"type": "boolean"}}}
+    change_paths["/requests"] = {"get": {
+        "operationId": "listRequests",
+        "summary": "The requests the server answered lately, newest first (the inspector)",
+        "description": "Every request but the dashboard's and the inspector's own, with its "
+                       "answer; the API key's value is [redacted]. Request bodies are cut "
+                       "at %d bytes, answers at %d." % (_INSPECT_BODY, _INSPECT_ANSWER),
+        "parameters": [dict(limit, description="Requests to return (default: all kept)",
+                            schema={"type": "integer", "minimum": 1,
+                                    "maximum": MAX_LIST_LIMIT})],
+        "responses": {"200": json_response("The requests", {
+            "type": "object", "required": ["requests"], "additionalProperties": False,
+            "properties": {"requests": {"type": "array", "items": {
+                "type": "object",
+                "required": ["id", "time", "method", "path", "request", "response",
+                             "durationMs"],
+                "properties": {
+                    "id": {"type": "integer"}, "time": timestamp,
+                    "method": {"type": "string"}, "path": {"type": "string"},
+                    "durationMs": {"type": "number"},
+                    "request": message,
+                    "response": {"allOf": [message, {
+                        "type": "object", "required": ["status"],
+                        "properties": {"status": {"type": "integer"}}}]}}}}}}),
+            **_error_responses(400, 404)},
+    }}
     if users:
         change_paths["/users"] = {"get": {
             "operationId": "listUsers",
@@ -2486,7 +2789,8 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
 
 def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
              max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH,
-             busy_timeout=DEFAULT_BUSY_TIMEOUT, users=None, validate=None):
+             busy_timeout=DEFAULT_BUSY_TIMEOUT, users=None, validate=None,
+             inspect=DEFAULT_INSPECT, record=None):
     """Build the Genesy Tasks API as a Bottle application.
 
     To serve it under a prefix of another application, see :func:`mount`.
@@ -2503,10 +2807,18 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         function returning one at each request; None answers it with a 404
         (Genesy's "owner selection off").
     :param validate: see :class:`TaskStore`; set on the store.
+    :param inspect: how many requests the request inspector keeps for GET
+        /requests and the dashboard (default 200); 0 turns it off.
+    :param record: a file to append every request and its answer to, as JSON
+        lines (created readable by its owner only).
     """
     if users is not None and not callable(users):
         users = _json_bytes(_check_users(users, "users"))
     key_environ = _environ_key(header)
+    if isinstance(inspect, bool) or not isinstance(inspect, int) or inspect < 0:
+        raise ValueError("inspect must be a whole number of requests, 0 for none")
+    inspector = (RequestInspector(inspect, header, record, max_body)
+                 if inspect or record else None)
     keys = _parse_api_keys(api_keys)
     opened = not isinstance(db_path, TaskStore)
     store = TaskStore(db_path, busy_timeout=busy_timeout) if opened else db_path
@@ -2518,10 +2830,12 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         except BaseException:
             if opened:  # nobody else will
                 store.close()
+            if inspector is not None:
+                inspector.close()
             raise
         _warn_if_others_can_read(store.path)
     keys = [key.encode("utf-8") for key in keys]
-    app = TasksApp(store, max_body, max_batch)
+    app = TasksApp(store, max_body, max_batch, inspector)
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
 
     def authorized(environ):
@@ -2624,6 +2938,16 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     @api
     def list_changes(environ):
         return store.changes_json(**_query_arguments(environ, _CHANGES_PARAMETERS))
+
+    @app.get("/requests")
+    @api
+    def list_requests(environ):
+        if not inspect:
+            raise RequestError(404, "Not found", "the request inspector is off (--inspect 0)")
+        limit = _query_arguments(environ, {"limit": "limit"}).get("limit")
+        if limit is not None:
+            _check_limit(limit)
+        return _json_bytes({"requests": inspector.requests(limit or inspect)})
 
     if users is not None:
         @app.get("/users")
@@ -3839,14 +4163,18 @@ class _CheckClient:
 
     def call(self, method, path, body=None, key=True):
         """(status, parsed JSON body or None, raw text) for one request."""
-        headers = {"Accept": "application/json"}
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {} if data is None else {"Content-Type": "application/json"}
+        return self.send(method, path, data, headers, key)
+
+    def send(self, method, path, data=None, headers=None, key=True):
+        """call() with the body's bytes and headers as given; ``key`` is True (the
+        key), a string (that key) or None (no key header)."""
+        headers = {"Accept": "application/json", **(headers or {})}
         if key is True:
             headers[self.header] = self.key
         elif key:
             headers[self.header] = key
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        if data is not None:
-            headers["Content-Type"] = "application/json"
         for attempt in (1, 2):  # once more on a fresh connection if the kept one was closed
             if self._conn is None:
                 self._conn = self._connect()
@@ -4115,7 +4443,165 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
     return len(failures)
 
 
-def _clean_up(client, created, path_of, marker, out):
+# -- replay ----------------------------------------------------------------------------
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _shape_differences(recorded, got, where="body"):
+    """How ``got`` differs from ``recorded`` in shape: keys, value types and array
+    lengths, not values (ids and timestamps differ by nature)."""
+    if _json_type(recorded) != _json_type(got):
+        return ["%s: %s, recorded %s" % (where, _json_type(got), _json_type(recorded))]
+    if isinstance(recorded, dict):
+        differences = ["%s: no %r" % (where, name) for name in recorded if name not in got]
+        differences += ["%s: %r, not recorded" % (where, name)
+                        for name in got if name not in recorded]
+        for name in recorded:
+            if name in got:
+                differences += _shape_differences(recorded[name], got[name],
+                                                  "%s.%s" % (where, name))
+        return differences
+    if isinstance(recorded, list):
+        if len(recorded) != len(got):
+            return ["%s: %d items, recorded %d" % (where, len(got), len(recorded))]
+        differences = []
+        for index, (before, after) in enumerate(zip(recorded, got)):
+            differences += _shape_differences(before, after, "%s[%d]" % (where, index))
+        return differences
+    return []
+
+
+def _recorded_requests(path):
+    """The requests of a recording, in order; ValueError names a bad line."""
+    requests = []
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = _decode_json(line)
+                    entry["method"], entry["path"], entry["request"]["headers"]
+                    entry["response"]["status"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError("%s line %d is not a recorded request" % (path, number))
+                requests.append(entry)
+    except OSError as error:
+        raise ValueError("cannot read %s: %s" % (path, error.strerror or error)) from None
+    except UnicodeDecodeError:
+        raise ValueError("%s is not UTF-8" % path) from None
+    return requests
+
+
+# Recorded headers that replay does not send again: the connection's own, and
+# the length, which follows the body as sent.
+_NOT_REPLAYED = frozenset(("host", "content-length", "connection", "keep-alive",
+                           "transfer-encoding", "te", "upgrade", "expect", "accept-encoding"))
+
+
+def _with_ids(text, ids):
+    """``text`` with each recorded task id replaced by the target's."""
+    if text:
+        for recorded in sorted(ids, key=len, reverse=True):
+            text = text.replace(recorded, ids[recorded])
+    return text
+
+
+def _replay_one(client, entry, ids, header):
+    """Send one recorded request; (what was sent, the differences, the answer)."""
+    method, recorded = entry["method"], entry["response"]
+    path = _with_ids(entry["path"], ids)
+    headers, sent_key = {}, False
+    for name, value in entry["request"]["headers"].items():
+        if name.lower() == header.lower():
+            sent_key = True
+        elif name.lower() not in _NOT_REPLAYED and value != _REDACTED:
+            headers[name] = value
+    # A request sent without a key, or with a wrong one, is replayed so.
+    key = (True if recorded["status"] != 401 else "genesy-replay-wrong-key") if sent_key \
+        else None
+    body = _with_ids(entry["request"].get("body"), ids)
+    status, parsed, text = client.send(method, path, None if body is None
+                                       else body.encode("utf-8"), headers, key)
+    differences = []
+    if status != recorded["status"]:
+        differences.append("status %d, recorded %d" % (status, recorded["status"]))
+    try:
+        expected = _decode_json(recorded.get("body") or "")
+    except ValueError:
+        expected = None  # not JSON (or cut): the status says enough
+    if expected is not None and not recorded.get("truncated"):
+        if parsed is None:
+            differences.append("body: not JSON: %s" % _seen(status, text))
+        else:
+            differences += _shape_differences(expected, parsed)
+    return "%s %s" % (method, path), differences, (status, parsed)
+
+
+def run_replay(path, url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=False,
+               out=None):
+    """Send the requests recorded in ``path`` (--record) to the server at ``url``,
+    in order, and compare each answer with the recorded one; print a line each.
+
+    The status must be the same, and a JSON answer the same shape: the same
+    keys, value types and array lengths (values such as ids and timestamps
+    differ by nature). An id a recorded create returned stands for the id the
+    target returned for it in later paths and bodies. Tasks the replay
+    created are deleted afterwards where the target allows it. Returns the
+    number of requests that differed; ValueError for a bad file or URL.
+    """
+    out = out or sys.stdout
+    requests = _recorded_requests(path)
+    client = _CheckClient(url, key, header, timeout, insecure)
+    ids, created, failed = {}, [], 0
+    print("genesy-tasks replay of %s (%d requests) against %s" % (path, len(requests), url),
+          file=out)
+    try:
+        for number, entry in enumerate(requests, 1):
+            try:
+                what, differences, (status, parsed) = _replay_one(client, entry, ids, header)
+            except (OSError, http.client.HTTPException) as error:
+                print("FAIL  #%d %s %s: cannot talk to %s: %s" % (
+                    number, entry["method"], entry["path"], url, error), file=out)
+                failed += len(requests) - number + 1
+                break
+            recorded = entry["response"]
+            if entry["method"] == "POST" and entry["path"].split("?")[0].endswith("/tasks"):
+                try:
+                    recorded_id = _decode_json(recorded.get("body") or "null")["id"]
+                    ids[recorded_id] = parsed["id"]
+                    created.append(parsed["id"])
+                except (ValueError, TypeError, KeyError):
+                    pass  # not a create that succeeded on both sides
+            if entry["method"] == "DELETE" and 200 <= status < 300:
+                created = [task_id for task_id in created if not what.endswith("/" + task_id)]
+            if differences:
+                failed += 1
+                print("FAIL  #%d %s -> %d: %s" % (number, what, status, "; ".join(differences)),
+                      file=out)
+            else:
+                print("PASS  #%d %s -> %d" % (number, what, status), file=out)
+            out.flush()
+        _clean_up(client, created, lambda task_id: "/tasks/" + quote(task_id, safe=""),
+                  None, out, "the replay")
+    finally:
+        client.close()
+    print("%d requests: %d passed, %d failed" % (len(requests), len(requests) - failed, failed),
+          file=out)
+    return failed
+
+
+def _clean_up(client, created, path_of, marker, out, who="the check"):
+    """Delete the tasks ``who`` created; say whether that worked (and, if not,
+    how to find them: ``marker``, their subject, or their ids)."""
     if not created:
         return
     answers = set()
@@ -4125,10 +4611,12 @@ def _clean_up(client, created, path_of, marker, out):
         except (OSError, http.client.HTTPException) as error:
             answers.add(str(error))
     if all(isinstance(answer, int) and 200 <= answer < 300 for answer in answers):
-        print("cleanup: deleted the %d tasks the check created" % len(created), file=out)
+        print("cleanup: deleted the %d tasks %s created" % (len(created), who), file=out)
     else:
-        print("cleanup: left %d tasks with the subject %r (DELETE answered %s)"
-              % (len(created), marker, ", ".join(sorted(map(str, answers)))), file=out)
+        print("cleanup: left %d tasks %s (DELETE answered %s)"
+              % (len(created), "with the subject %r" % marker if marker
+                 else "%s created: %s" % (who, ", ".join(created)),
+                 ", ".join(sorted(map(str, answers)))), file=out)
 
 
 ###############################################################################
@@ -4187,21 +4675,36 @@ def _build_parser():
                     "any check fails. Tasks it creates have the subject %r and are "
                     "deleted afterwards where the server allows it." % CHECK_SUBJECT,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    check.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8080")
-    check.add_argument("--api-key", help="the key to send (default: GENESY_API_KEY, else "
-                                         "the key generated in --db)")
-    check.add_argument("--header", default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
-                       help="the header that carries the key (env GENESY_API_KEY_HEADER)")
-    option("db", check, "where to find a generated key when none is given, opened read-only")
-    check.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
+    replay = commands.add_parser(
+        "replay", help="send recorded requests (--record) to a server and compare the answers",
+        description="Send the requests recorded in FILE (by --record) to the server at URL "
+                    "(your CRM, say), in order, and compare each answer with the recorded "
+                    "one: the status, and the JSON's shape (keys, value types, array "
+                    "lengths), not values such as ids and timestamps. An id a recorded "
+                    "create returned stands for the id URL returned for it. Prints PASS or "
+                    "FAIL for each request; exits 1 if any differs. Tasks it creates are "
+                    "deleted afterwards where the server allows it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    replay.add_argument("file", help="a recording made with --record")
+    for command in (check, replay):
+        command.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8080")
+        command.add_argument("--api-key", help="the key to send (default: GENESY_API_KEY, "
+                                               "else the key generated in --db)")
+        command.add_argument("--header",
+                             default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
+                             help="the header that carries the key (env GENESY_API_KEY_HEADER)")
+        option("db", command,
+               "where to find a generated key when none is given, opened read-only")
+        command.add_argument("--timeout", type=_seconds, default=10.0,
+                             help="seconds per request")
+        command.add_argument("--insecure", action="store_true",
+                             help="accept any TLS certificate (a self-signed test server)")
     for field in ("owner", "contact", "company"):
         check.add_argument(
             "--%s-id" % field, help="the %sId of the tasks it creates, for a CRM that refuses "
                                     "ids it does not know%s" % (field, " (default: the first "
                                     "user of GET /users, if offered)" if field == "owner"
                                                                  else ""))
-    check.add_argument("--insecure", action="store_true",
-                       help="accept any TLS certificate (a self-signed test server)")
     backup = commands.add_parser(
         "backup", help="copy the live database consistently to DEST",
         description="Copy the database (--db) to DEST with SQLite's online backup, while "
@@ -4275,6 +4778,11 @@ _OPTIONS = _options(
     _Option("users", None, _users_file,
             "JSON file of the users GET /users offers Genesy as task owners: "
             '[{"id", "name", "email"}]; unset, GET /users is a 404', app=True),
+    _Option("inspect", DEFAULT_INSPECT, _whole_number,
+            "requests the inspector keeps for GET /requests and the dashboard; 0: none",
+            app=True),
+    _Option("record", None, str, "append every request and its answer to this file, as "
+            "JSON lines (the key redacted), for replay", app=True),
     _Option("max_connections", DEFAULT_MAX_CONNECTIONS, _positive_number,
             "most connections open at once; more wait in the listen queue", app=False),
     _Option("request_timeout", DEFAULT_REQUEST_TIMEOUT, _seconds,
@@ -4288,7 +4796,7 @@ _OPTIONS = _options(
             app=False),
 )
 # The options a command takes from before its name (genesy-tasks --db crm.db backup).
-_COMMAND_OPTIONS = {"check": {"db"}, "backup": {"db"}}
+_COMMAND_OPTIONS = {"check": {"db"}, "backup": {"db"}, "replay": {"db"}}
 
 
 def _environment_options(app_only=False):
@@ -4356,21 +4864,31 @@ def _generated_key_in(path):
     return None if row is None else row[0]
 
 
-def _check_command(args):
+def _client_command(args, run):
+    """check and replay: find the key, run, and turn the outcome into an exit status."""
     keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
     key = args.api_key or (keys[0] if keys else None) or _generated_key_in(args.db)
     if not key:
-        print("genesy-tasks check: no API key: pass --api-key or set GENESY_API_KEY "
-              "(no generated key found in %s)" % args.db, file=sys.stderr)
+        print("genesy-tasks %s: no API key: pass --api-key or set GENESY_API_KEY "
+              "(no generated key found in %s)" % (args.command, args.db), file=sys.stderr)
         return 2
     try:
-        failed = run_contract_check(args.url, key, args.header, args.timeout, args.insecure,
-                                    owner_id=args.owner_id, contact_id=args.contact_id,
-                                    company_id=args.company_id)
+        failed = run(key)
     except ValueError as error:
-        print("genesy-tasks check: %s" % error, file=sys.stderr)
+        print("genesy-tasks %s: %s" % (args.command, error), file=sys.stderr)
         return 2
     return 1 if failed else 0
+
+
+def _check_command(args):
+    return _client_command(args, lambda key: run_contract_check(
+        args.url, key, args.header, args.timeout, args.insecure, owner_id=args.owner_id,
+        contact_id=args.contact_id, company_id=args.company_id))
+
+
+def _replay_command(args):
+    return _client_command(args, lambda key: run_replay(
+        args.file, args.url, key, args.header, args.timeout, args.insecure))
 
 
 def _parse_arguments(argv):
@@ -4400,6 +4918,8 @@ def main(argv=None):
     args = _parse_arguments(argv)
     if args.command == "check":
         return _check_command(args)
+    if args.command == "replay":
+        return _replay_command(args)
     if args.command == "backup":
         return _backup_command(args)
     try:
@@ -4421,10 +4941,11 @@ def main(argv=None):
     try:
         try:
             tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
-                                 max_batch=args.max_batch, users=args.users)
+                                 max_batch=args.max_batch, users=args.users,
+                                 inspect=args.inspect, record=args.record)
             generated_key = None if api_keys else store.generated_api_key()
-        except ValueError as error:
-            print("genesy-tasks: %s (GENESY_API_KEY_HEADER)" % error, file=sys.stderr)
+        except ValueError as error:  # the key header's name, the recording file
+            print("genesy-tasks: %s" % error, file=sys.stderr)
             return 2
         except sqlite3.Error as error:
             print("genesy-tasks: cannot use database %r: %s" % (args.db, error), file=sys.stderr)

@@ -2035,7 +2035,7 @@ def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, mo
     import inspect
     accepted = set(inspect.signature(make_app).parameters)
     assert {name for name, option in genesy_tasks._OPTIONS.items() if option.app} == {
-        "db", "max_batch", "max_body", "busy_timeout", "users"}
+        "db", "max_batch", "max_body", "busy_timeout", "users", "inspect", "record"}
     assert {"max_batch", "max_body", "busy_timeout", "users"} <= accepted
 
 
@@ -3977,7 +3977,7 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
                 "expected-statuses": ["2XX", 401, 403, 404, 410]}}})
     schema = schemathesis.openapi.from_wsgi("/openapi.json", application, config=config)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 11  # every route but /openapi.json, which it reads instead
+    assert len(operations) == 12  # every route but /openapi.json, which it reads instead
 
     failures = []
     for operation, mode in itertools.product(operations, list(schemathesis.GenerationMode)):
