@@ -2258,6 +2258,22 @@ tr.done .subject { text-decoration: line-through; color: var(--muted); }
 .id { font: 12px ui-monospace, monospace; white-space: nowrap; }
 .description { white-space: pre-wrap; }
 .error { color: #c53030; }
+nav { display: flex; gap: .25rem; }
+nav button[aria-pressed="true"] { font-weight: 600; }
+#request-list { list-style: none; padding: 0; margin: 0; }
+#request-list li { border-bottom: 1px solid var(--line); }
+#request-list summary { cursor: pointer; padding: .35rem 0; display: flex; gap: .75rem; }
+.method { font-weight: 600; min-width: 4.5em; }
+.target { font-family: ui-monospace, monospace; word-break: break-all; flex: 1; }
+.status-2 { color: #2f855a; } .status-3 { color: #2b6cb0; }
+.status-4 { color: #c05621; } .status-5 { color: #c53030; }
+.time, .duration, .note { color: var(--muted); white-space: nowrap; }
+.exchange { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; padding: 0 0 .75rem; }
+.exchange h3 { font-size: .9rem; margin: .5rem 0 .25rem; }
+.exchange table { font: 12px ui-monospace, monospace; }
+.exchange th, .exchange td { padding: .1rem .4rem; word-break: break-all; }
+pre { font: 12px ui-monospace, monospace; white-space: pre-wrap; word-break: break-all;
+      margin: 0; padding: .5rem; background: #8881; max-height: 30rem; overflow: auto; }
 [hidden] { display: none !important; }
 """
 
@@ -2268,12 +2284,14 @@ const storageKey = "genesy-tasks-api-key";
 const $ = (id) => document.getElementById(id);
 const columns = ["type", "ownerId", "contactId", "companyId", "dueDate", "createdAt",
                  "completedAt"];
-let pageSize = 100, timer = null;
+let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
+const opened = new Set();  // the requests shown expanded, kept so across refreshes
 
 class Unauthorized extends Error {}
 
 async function call(method, path, body) {
-  const headers = {"Accept": "application/json"};
+  // The inspector leaves out the dashboard's own requests: it says who it is.
+  const headers = {"Accept": "application/json", "X-Genesy-Dashboard": "1"};
   headers[keyHeader] = sessionStorage.getItem(storageKey) || "";
   const init = {method, headers, cache: "no-store", credentials: "omit"};
   if (body !== undefined) {
@@ -2289,8 +2307,11 @@ async function call(method, path, body) {
 
 function showLogin(message) {
   clearTimeout(timer);
+  clearTimeout(requestsTimer);
   sessionStorage.removeItem(storageKey);
   $("tasks-view").hidden = true;
+  $("requests-view").hidden = true;
+  $("views").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = message || "";
   $("key").value = "";
@@ -2370,7 +2391,7 @@ async function refresh() {
     failed(error, "Could not refresh");
     if (error instanceof Unauthorized) return;
   }
-  timer = setTimeout(refresh, 3000);
+  if (view === "tasks") timer = setTimeout(refresh, 3000);
 }
 
 async function toggle(task, button) {
@@ -2383,7 +2404,112 @@ async function toggle(task, button) {
   if (sessionStorage.getItem(storageKey)) refresh();
 }
 
+
+function show(name) {
+  view = name;
+  clearTimeout(timer);
+  clearTimeout(requestsTimer);
+  $("login").hidden = true;
+  $("views").hidden = false;
+  $("tasks-view").hidden = name !== "tasks";
+  $("requests-view").hidden = name !== "requests";
+  $("show-tasks").setAttribute("aria-pressed", String(name === "tasks"));
+  $("show-requests").setAttribute("aria-pressed", String(name === "requests"));
+  if (name === "tasks") refresh(); else refreshRequests();
+}
+
+function pretty(text) {
+  if (text === null || text === undefined || text === "") return "(empty)";
+  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (error) { return text; }
+}
+
+function headerTable(headers) {
+  const table = document.createElement("table");
+  for (const [name, value] of Object.entries(headers || {})) {
+    const row = table.insertRow();
+    cell(row, name, "");
+    cell(row, value, "");
+  }
+  return table;
+}
+
+function side(title, message, limitNote) {
+  const div = document.createElement("div");
+  const heading = document.createElement("h3");
+  heading.textContent = title;
+  const body = document.createElement("pre");
+  body.textContent = pretty(message.body);
+  div.append(heading, headerTable(message.headers), body);
+  if (message.truncated) {
+    div.append(textBlock("note", "Cut: " + limitNote + " of " + message.bytes + " bytes shown."));
+  }
+  return div;
+}
+
+function requestItem(entry) {
+  // Request bodies come from anyone who can reach the server: text only.
+  const item = document.createElement("li");
+  const details = document.createElement("details");
+  details.dataset.requestId = String(entry.id);
+  details.open = opened.has(entry.id);
+  details.addEventListener("toggle", () => {
+    if (details.open) opened.add(entry.id); else opened.delete(entry.id);
+  });
+  const summary = document.createElement("summary");
+  const status = entry.response.status;
+  for (const [className, text] of [
+      ["time", new Date(entry.time).toLocaleTimeString()], ["method", entry.method],
+      ["target", entry.path], ["status status-" + String(status)[0], String(status)],
+      ["duration", entry.durationMs.toFixed(1) + " ms"]]) {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    summary.appendChild(span);
+  }
+  const exchange = document.createElement("div");
+  exchange.className = "exchange";
+  exchange.append(side("Request", entry.request, "the first 64 KiB"),
+                  side("Answer", entry.response, "the first 4 KiB"));
+  details.append(summary, exchange);
+  item.appendChild(details);
+  return item;
+}
+
+async function refreshRequests() {
+  clearTimeout(requestsTimer);
+  let page;
+  try {
+    page = await call("GET", "/requests");
+  } catch (error) {
+    failed(error, "Could not load the requests");
+    if (error instanceof Unauthorized) return;
+    requestsTimer = setTimeout(refreshRequests, 2000);
+    return;
+  }
+  const statusClass = $("status-class").value, pathPart = $("path-filter").value.trim();
+  const list = document.createElement("ol");
+  list.id = "request-list";
+  for (const entry of page.requests) {
+    if (statusClass !== "all" && String(entry.response.status)[0] !== statusClass) continue;
+    if (pathPart && !entry.path.includes(pathPart)) continue;
+    list.appendChild(requestItem(entry));
+  }
+  $("request-list").replaceWith(list);
+  $("no-requests").hidden = list.children.length > 0;
+  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+  $("status").className = "";
+  if (view === "requests") requestsTimer = setTimeout(refreshRequests, 2000);
+}
+
 $("header-name").textContent = keyHeader;
+$("show-tasks").addEventListener("click", () => show("tasks"));
+$("show-requests").addEventListener("click", () => show("requests"));
+$("request-filters").addEventListener("submit", (event) => {
+  event.preventDefault();
+  refreshRequests();
+});
+$("status-class").addEventListener("change", refreshRequests);
+$("path-filter").addEventListener("input", refreshRequests);
 $("login").addEventListener("submit", async (event) => {
   event.preventDefault();
   sessionStorage.setItem(storageKey, $("key").value.trim());
@@ -2394,9 +2520,7 @@ $("login").addEventListener("submit", async (event) => {
     $("login-error").textContent = "Could not reach the server: " + error.message;
     return;
   }
-  $("login").hidden = true;
-  $("tasks-view").hidden = false;
-  refresh();
+  show("tasks");
 });
 $("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
 $("state").addEventListener("change", refresh);
@@ -2404,9 +2528,7 @@ $("owner").addEventListener("change", refresh);
 $("forget").addEventListener("click", () => showLogin("Key forgotten."));
 $("more").addEventListener("click", () => { pageSize = Math.min(pageSize + 100, 500); refresh(); });
 if (sessionStorage.getItem(storageKey)) {
-  $("login").hidden = true;
-  $("tasks-view").hidden = false;
-  refresh();
+  show("tasks");
 } else {
   showLogin("");
 }
@@ -2423,7 +2545,10 @@ _DASHBOARD_PAGE = """<!doctype html>
 <style>%(style)s</style>
 </head>
 <body data-base="%(base)s" data-key-header="%(header)s">
-<header><h1>genesy-tasks</h1><span id="status" role="status"></span></header>
+<header><h1>genesy-tasks</h1>
+  <nav id="views" hidden><button type="button" id="show-tasks" aria-pressed="true">Tasks</button>
+    <button type="button" id="show-requests" aria-pressed="false">Requests</button></nav>
+  <span id="status" role="status"></span></header>
 <form id="login" hidden method="post" action="#">
   <label>API key (sent in the <code id="header-name"></code> header)
     <input id="key" type="password" autocomplete="off" required></label>
@@ -2450,6 +2575,21 @@ _DASHBOARD_PAGE = """<!doctype html>
   <p id="empty" class="empty" hidden>No tasks here yet. Tasks Genesy creates appear within
     a few seconds.</p>
   <p><button type="button" id="more" hidden>Show more</button></p>
+</main>
+<main id="requests-view" hidden>
+  <form id="request-filters" method="post" action="#">
+    <label>Show <select id="status-class">
+      <option value="all">all answers</option>
+      <option value="2">2xx</option>
+      <option value="3">3xx</option>
+      <option value="4">4xx</option>
+      <option value="5">5xx</option>
+    </select></label>
+    <label>Path <input id="path-filter" placeholder="part of the path, e.g. /tasks/batch"></label>
+  </form>
+  <ol id="request-list"></ol>
+  <p id="no-requests" class="empty" hidden>No requests yet. Every request Genesy (or anyone)
+    sends appears here within two seconds, with its headers, its body and the answer.</p>
 </main>
 <script>%(script)s</script>
 </body>

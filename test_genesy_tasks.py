@@ -2200,6 +2200,223 @@ def test_python_examples_crm_py_runs_and_passes_the_check(tmp_path):
         process.wait(timeout=10)
 
 
+# -- the request inspector -------------------------------------------------------------------
+
+def _inspected_app(db_path, **options):
+    application = make_app(db_path, api_keys=KEY, **options)
+    return application, webtest.TestApp(application)
+
+
+def _kept(client, **query):
+    path = "/requests" + ("?" + urlencode(query) if query else "")
+    return client.get(path, headers=HEADERS).json["requests"]
+
+
+def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
+    application, client = _inspected_app(db_path)
+    task = client.post_json("/tasks", {"subject": "Call"}, headers=HEADERS).json
+    client.get("/nope?x=1", headers=HEADERS, status=404)
+    client.get("/health", status=401)
+    client.get("/health", headers={"X-API-Key": "a-wrong-key"}, status=401)
+    client.post("/tasks", "not json", headers={**HEADERS, "Content-Type": "application/json"},
+                status=400)
+    kept = _kept(client)
+    assert [(entry["method"], entry["path"], entry["response"]["status"]) for entry in kept] == [
+        ("POST", "/tasks", 400), ("GET", "/health", 401), ("GET", "/health", 401),
+        ("GET", "/nope?x=1", 404), ("POST", "/tasks", 201)]
+    created = kept[-1]
+    assert created["request"]["body"] == '{"subject": "Call"}'
+    assert created["request"]["bytes"] == 19 and created["request"]["truncated"] is False
+    assert json.loads(created["response"]["body"]) == task
+    assert created["response"]["headers"]["Location"] == "/tasks/" + task["id"]
+    assert ISO_UTC.match(created["time"]) and created["durationMs"] >= 0
+    assert [entry["id"] for entry in kept] == [5, 4, 3, 2, 1]
+    assert kept[1]["request"]["headers"]["X-Api-Key"] == "[redacted]"  # even a wrong key
+    assert "X-Api-Key" not in kept[2]["request"]["headers"]
+    assert [entry["id"] for entry in _kept(client, limit=2)] == [5, 4]
+    assert_error(client.get("/requests", status=401), 401)
+    assert_error(client.get("/requests?limit=0", headers=HEADERS, status=400), 400)
+    application.close()
+
+
+def test_the_inspector_leaves_out_the_dashboard_and_itself(db_path):
+    application, client = _inspected_app(db_path)
+    client.get("/")
+    client.get("/tasks", headers={**HEADERS, "X-Genesy-Dashboard": "1"})
+    client.get("/requests", headers=HEADERS)
+    client.get("/openapi.json")
+    assert [entry["path"] for entry in _kept(client)] == ["/openapi.json"]
+    application.close()
+
+
+def test_the_inspector_is_bounded_and_redacts_secrets(db_path):
+    application, client = _inspected_app(db_path, inspect=3)
+    for n in range(5):
+        client.get("/health?n=%d" % n, headers={**HEADERS, "Authorization": "Bearer secret",
+                                                "Cookie": "session=secret"})
+    kept = _kept(client)
+    assert [entry["path"] for entry in kept] == ["/health?n=4", "/health?n=3", "/health?n=2"]
+    headers = kept[0]["request"]["headers"]
+    assert headers["Authorization"] == headers["Cookie"] == "[redacted]"
+    assert KEY not in json.dumps(kept) and "secret" not in json.dumps(kept)
+    # Bodies past 64 KiB and answers past 4 KiB are cut, and say so.
+    big = {"subject": "x" * 70_000}
+    client.post_json("/tasks", big, headers=HEADERS, status=201)
+    client.get("/tasks?limit=50", headers=HEADERS)
+    answer, request = (entry for entry in _kept(client, limit=2))
+    assert len(request["request"]["body"]) == 64 * 1024 and request["request"]["truncated"]
+    assert request["request"]["bytes"] == len(json.dumps(big))
+    assert len(answer["response"]["body"]) == 4096 and answer["response"]["truncated"]
+    assert answer["response"]["bytes"] > 70_000
+    application.close()
+
+
+def test_with_the_inspector_off_get_requests_is_a_json_404(db_path):
+    application, client = _inspected_app(db_path, inspect=0)
+    client.get("/health", headers=HEADERS)
+    assert_error(client.get("/requests", headers=HEADERS, status=404), 404,
+                 mentions=["--inspect 0"])
+    assert application.inspector is None
+    application.close()
+
+
+def test_a_request_that_waited_for_a_lock_is_kept_once(db_path):
+    # The built-in server runs a write that met another writer's lock again
+    # later; only the run that answered is kept.
+    application = make_app(db_path, api_keys=KEY, inspect=5)
+    with _server_thread(application) as server:
+        with _locked_by_another_process(db_path) as release:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("POST", "/tasks", body=json.dumps({"subject": "waits"}),
+                         headers={**HEADERS, "Content-Type": "application/json"})
+            _wait_for(lambda: server._parked)
+            release()
+            response = conn.getresponse()
+            assert response.status == 201
+            response.read()
+            conn.close()
+    assert [(entry["method"], entry["response"]["status"])
+            for entry in application.inspector.requests(10)] == [("POST", 201)]
+    application.close()
+
+
+def test_get_requests_over_http(tmp_path):
+    running = Server(tmp_path, "--inspect", "2")
+    try:
+        for n in range(3):
+            running.request("GET", "/tasks?limit=%d" % (n + 1))
+        status, _, body = running.request("GET", "/requests")
+        assert status == 200
+        assert [entry["path"] for entry in body["requests"]] == ["/tasks?limit=3",
+                                                                 "/tasks?limit=2"]
+    finally:
+        running.stop()
+
+
+def _genesy_session(running):
+    """What Genesy sends while connecting and working: the recording replay plays."""
+    _, _, task = running.request("POST", "/tasks", {"subject": "Call", "contactId": "c-1"})
+    other = running.request("POST", "/tasks", {"subject": "Email"})[2]
+    running.request("GET", "/tasks/" + task["id"])
+    running.request("PATCH", "/tasks/" + task["id"], {"completed": True})
+    running.request("POST", "/tasks/batch", {"ids": [task["id"], "task-missing", other["id"]]})
+    running.request("PATCH", "/tasks/batch", {"ids": [task["id"], other["id"]],
+                                              "completed": True})
+    running.request("GET", "/health", headers={})
+    running.request("POST", "/contacts", {"name": "Ann"})
+    running.request("DELETE", "/tasks/" + other["id"])
+    return 9
+
+
+@pytest.fixture
+def recording(tmp_path):
+    path = tmp_path / "genesy.jsonl"
+    running = Server(tmp_path, "--record", str(path))
+    try:
+        count = _genesy_session(running)
+        _wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == count)
+    finally:
+        running.stop()
+    return path
+
+
+def _replay(path, url, *args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = genesy_tasks.main(["replay", str(path), url, *args])
+    return status, out.getvalue().splitlines()
+
+
+def test_a_recording_holds_each_request_and_answer_whole_with_the_key_redacted(recording):
+    assert oct(os.stat(str(recording)).st_mode & 0o777) == "0o600"
+    lines = [json.loads(line) for line in recording.read_text().splitlines()]
+    assert [(line["method"], line["response"]["status"]) for line in lines] == [
+        ("POST", 201), ("POST", 201), ("GET", 200), ("PATCH", 200), ("POST", 200),
+        ("PATCH", 200), ("GET", 401), ("POST", 404), ("DELETE", 204)]
+    assert [line["id"] for line in lines] == list(range(1, 10))  # oldest first
+    assert all(line["request"]["headers"]["X-Api-Key"] == "[redacted]"
+               for line in lines if line["response"]["status"] != 401)
+    assert KEY not in recording.read_text()
+    assert json.loads(lines[4]["response"]["body"])[0]["completed"] is True
+    assert set(lines[0]) == {"id", "time", "method", "path", "request", "response",
+                             "durationMs"}
+
+
+def test_a_recording_replays_against_a_fresh_server_and_every_request_passes(recording,
+                                                                            tmp_path):
+    fresh = Server(tmp_path, env={"GENESY_API_KEY": "another-key"},
+                   db=str(tmp_path / "fresh.db"))
+    try:
+        status, lines = _replay(recording, "http://%s:%d" % (fresh.host, fresh.port),
+                                "--api-key", "another-key")
+        with TaskStore(fresh.db) as store:
+            assert store.count() == 0  # what it created is deleted again
+    finally:
+        fresh.stop()
+    assert status == 0, lines
+    assert lines[-1] == "9 requests: 9 passed, 0 failed"
+    assert re.match(r"PASS  #3 GET /tasks/task-\w+ -> 200$", lines[3])  # the new server's id
+    assert "cleanup: deleted the 1 tasks the replay created" in lines
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("create-answers-200", r"FAIL  #1 POST /tasks -> 200: status 200, recorded 201"),
+    ("task-without-description",
+     r"FAIL  #3 GET /tasks/task-\w+ -> 200: body: no 'description'"),
+    ("express-route-order",
+     r"FAIL  #6 PATCH /tasks/batch -> 404: status 404, recorded 200; body: object, "
+     r"recorded array"),
+])
+def test_replay_reports_how_a_wrong_server_differs(recording, db_path, fault, line):
+    httpd, real = _broken_server(db_path, fault)
+    try:
+        status, lines = _replay(recording, "http://127.0.0.1:%d" % httpd.server_port,
+                                "--api-key", KEY)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        real.close()
+    output = "\n".join(lines)
+    assert status == 1, output
+    assert re.search("^" + line + "$", output, re.M), output
+    assert re.search(r"^9 requests: \d passed, [1-9] failed$", output, re.M), output
+
+
+def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    status, lines = _replay(recording, "http://127.0.0.1:%d" % port, "--api-key", KEY,
+                            "--timeout", "2")
+    assert status == 1 and lines[-1] == "9 requests: 0 passed, 9 failed"
+    assert re.match(r"FAIL  #1 POST /tasks: cannot talk to .*refused", lines[1])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"method": "GET"}\n')
+    assert _replay(bad, "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
+    assert "bad.jsonl line 1 is not a recorded request" in capsys.readouterr().err
+    assert _replay(tmp_path / "missing.jsonl", "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
+
+
 # -- the example database ----------------------------------------------------------------------
 
 EXAMPLE_IDS = {  # as listed in the README
@@ -2376,7 +2593,9 @@ class Server:
             all_headers["Content-Type"] = "application/json"
         conn.request(method, path, body=data, headers=all_headers)
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read())
+        answer = response.read()
+        return (response.status, dict(response.getheaders()),
+                json.loads(answer) if answer else None)
 
     def raw(self, data, read_timeout=5):
         with socket.create_connection((self.host, self.port), timeout=read_timeout) as sock:
@@ -2824,6 +3043,16 @@ def _broken_server(db_path, fault):
         @broken.route("/tasks/<task_id:re:(?!batch$)[^/]+>", method="PATCH")
         def update(task_id):
             return json_reply(200, real.store.get(task_id))
+    elif fault == "create-answers-200":
+        @broken.post("/tasks")
+        def create_task():
+            return json_reply(200, real.store.create(bottle.request.json))
+    elif fault == "task-without-description":
+        @broken.get("/tasks/<task_id:re:(?!batch$)[^/]+>")
+        def get_task(task_id):
+            task = real.store.get(task_id)
+            task.pop("description")
+            return json_reply(200, task)
     elif fault == "no-delete":
         @broken.route("/tasks/<task_id:re:(?!batch$)[^/]+>", method="DELETE")
         def delete(task_id):
@@ -3061,6 +3290,62 @@ def test_the_dashboard_in_chromium_shows_tasks_arrive_and_completes_them(server,
     # Forgetting the key clears it from the browser.
     browser.find_element(By.ID, "forget").click()
     assert browser.execute_script("return sessionStorage.getItem('genesy-tasks-api-key')") is None
+
+
+def _request_items(driver):
+    from selenium.webdriver.common.by import By
+    return driver.find_elements(By.CSS_SELECTOR, "#request-list details")
+
+
+def test_the_dashboards_requests_view_shows_what_was_sent_as_text(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    browser.get("http://%s:%d/" % (server.host, server.port))
+    _eventually(lambda: browser.find_element(By.ID, "key").is_displayed())
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    _eventually(lambda: browser.find_element(By.ID, "tasks-view").is_displayed())
+    browser.find_element(By.ID, "show-requests").click()
+    _eventually(lambda: browser.find_element(By.ID, "requests-view").is_displayed())
+
+    # What Genesy (or anyone) sends appears by itself, newest first; the
+    # dashboard's own requests do not.
+    server.request("POST", "/tasks", {"subject": HOSTILE_SUBJECT, "contactId": "c-1"})
+    server.request("POST", "/contacts", {"name": "<b>Ann</b>"})
+    server.request("GET", "/health", headers={})
+    items = _eventually(lambda: len(_request_items(browser)) == 3 and _request_items(browser))
+    summaries = [[item.find_element(By.CSS_SELECTOR, name).text
+                  for name in (".method", ".target", ".status")] for item in items]
+    assert summaries == [
+        ["GET", "/health", "401"], ["POST", "/contacts", "404"], ["POST", "/tasks", "201"]]
+
+    # Expanded: headers with the key redacted, bodies pretty-printed, as text.
+    items[2].find_element(By.TAG_NAME, "summary").click()
+    request, answer = items[2].find_elements(By.CSS_SELECTOR, ".exchange pre")
+    assert json.loads(request.text) == {"subject": HOSTILE_SUBJECT, "contactId": "c-1"}
+    assert request.text.startswith('{\n  "subject"')
+    assert json.loads(answer.text)["subject"] == HOSTILE_SUBJECT
+    assert "X-Api-Key [redacted]" in items[2].find_element(By.CSS_SELECTOR, "table").text
+    assert KEY not in browser.find_element(By.ID, "requests-view").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#request-list img, #request-list b") == []
+    assert browser.title == "genesy-tasks"
+    # It stays open across the view's refreshes (every 2 s).
+    shown = browser.find_element(By.ID, "status").text
+    _eventually(lambda: browser.find_element(By.ID, "status").text != shown)
+    assert _request_items(browser)[2].get_attribute("open") == "true"
+
+    if os.environ.get("GENESY_REQUESTS_SCREENSHOT"):  # how docs/requests.png is made
+        browser.set_window_size(1280, 900)
+        browser.save_screenshot(os.environ["GENESY_REQUESTS_SCREENSHOT"])
+
+    # Filters: by status class, then by path.
+    Select(browser.find_element(By.ID, "status-class")).select_by_value("4")
+    _eventually(lambda: [item.find_element(By.CSS_SELECTOR, ".target").text
+                         for item in _request_items(browser)] == ["/health", "/contacts"])
+    browser.find_element(By.ID, "path-filter").send_keys("contacts")
+    _eventually(lambda: len(_request_items(browser)) == 1)
+    problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
 
 
 # -- hardening: stalled clients, TLS, backups -------------------------------------------------------
