@@ -1914,7 +1914,9 @@ class RequestInspector:
                  max_body=DEFAULT_MAX_BODY):
         self.capacity, self.max_body = capacity, max_body
         self.kept = collections.deque(maxlen=capacity)
-        self.numbers = itertools.count(1)
+        # Numbered from the time it started, in milliseconds: a restarted
+        # server's numbers follow the last one's, so "after" stays true.
+        self.numbers = itertools.count(int(time.time() * 1000))
         self.lock = threading.Lock()
         self.redacted = {_environ_key(key_header), "HTTP_AUTHORIZATION",
                          "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"}
@@ -1924,9 +1926,11 @@ class RequestInspector:
         if self.recording is not None:
             self.recording.close()
 
-    def requests(self, limit):
+    def requests(self, limit, after=0):
+        """The newest ``limit`` requests kept (after the one numbered ``after``)."""
         with self.lock:
-            return list(itertools.islice(reversed(self.kept), limit))
+            newer = itertools.takewhile(lambda entry: entry["id"] > after, reversed(self.kept))
+            return list(itertools.islice(newer, limit))
 
     def serve(self, app, environ, start_response):
         """Run the WSGI ``app`` on this request, keeping it and its answer."""
@@ -2286,6 +2290,7 @@ const columns = ["type", "ownerId", "contactId", "companyId", "dueDate", "create
                  "completedAt"];
 let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
 const opened = new Set();  // the requests shown expanded, kept so across refreshes
+let seen = [];             // the requests fetched so far, newest first
 
 class Unauthorized extends Error {}
 
@@ -2475,30 +2480,36 @@ function requestItem(entry) {
   return item;
 }
 
-async function refreshRequests() {
-  clearTimeout(requestsTimer);
-  let page;
-  try {
-    page = await call("GET", "/requests");
-  } catch (error) {
-    failed(error, "Could not load the requests");
-    if (error instanceof Unauthorized) return;
-    requestsTimer = setTimeout(refreshRequests, 2000);
-    return;
-  }
+function renderRequests() {
   const statusClass = $("status-class").value, pathPart = $("path-filter").value.trim();
   const list = document.createElement("ol");
   list.id = "request-list";
-  for (const entry of page.requests) {
+  for (const entry of seen) {
     if (statusClass !== "all" && String(entry.response.status)[0] !== statusClass) continue;
     if (pathPart && !entry.path.includes(pathPart)) continue;
     list.appendChild(requestItem(entry));
   }
   $("request-list").replaceWith(list);
   $("no-requests").hidden = list.children.length > 0;
-  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
-  $("status").className = "";
-  if (view === "requests") requestsTimer = setTimeout(refreshRequests, 2000);
+}
+
+async function refreshRequests() {
+  // Only what is new since the last look: the page keeps the rest.
+  clearTimeout(requestsTimer);
+  const after = seen.length ? seen[0].id : 0;
+  try {
+    const page = await call("GET", "/requests?after=" + after);
+    if (page.requests.length || !seen.length) {
+      seen = page.requests.concat(seen).slice(0, 500);
+      renderRequests();
+    }
+    $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+    $("status").className = "";
+  } catch (error) {
+    failed(error, "Could not load the requests");
+    if (error instanceof Unauthorized) return;
+  }
+  if (view === "requests") requestsTimer = setTimeout(refreshRequests, 1000);
 }
 
 $("header-name").textContent = keyHeader;
@@ -2506,10 +2517,10 @@ $("show-tasks").addEventListener("click", () => show("tasks"));
 $("show-requests").addEventListener("click", () => show("requests"));
 $("request-filters").addEventListener("submit", (event) => {
   event.preventDefault();
-  refreshRequests();
+  renderRequests();
 });
-$("status-class").addEventListener("change", refreshRequests);
-$("path-filter").addEventListener("input", refreshRequests);
+$("status-class").addEventListener("change", renderRequests);
+$("path-filter").addEventListener("input", renderRequests);
 $("login").addEventListener("submit", async (event) => {
   event.preventDefault();
   sessionStorage.setItem(storageKey, $("key").value.trim());
@@ -2589,7 +2600,7 @@ _DASHBOARD_PAGE = """<!doctype html>
   </form>
   <ol id="request-list"></ol>
   <p id="no-requests" class="empty" hidden>No requests yet. Every request Genesy (or anyone)
-    sends appears here within two seconds, with its headers, its body and the answer.</p>
+    sends appears here within a second, with its headers, its body and the answer.</p>
 </main>
 <script>%(script)s</script>
 </body>
@@ -2748,7 +2759,10 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                        "at %d bytes, answers at %d." % (_INSPECT_BODY, _INSPECT_ANSWER),
         "parameters": [dict(limit, description="Requests to return (default: all kept)",
                             schema={"type": "integer", "minimum": 1,
-                                    "maximum": MAX_LIST_LIMIT})],
+                                    "maximum": MAX_LIST_LIMIT}),
+                       {"name": "after", "in": "query", "required": False,
+                        "description": "Only requests with a greater id (newer)",
+                        "schema": {"type": "integer", "minimum": 0}}],
         "responses": {"200": json_response("The requests", {
             "type": "object", "required": ["requests"], "additionalProperties": False,
             "properties": {"requests": {"type": "array", "items": {
@@ -3084,10 +3098,14 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     def list_requests(environ):
         if not inspect:
             raise RequestError(404, "Not found", "the request inspector is off (--inspect 0)")
-        limit = _query_arguments(environ, {"limit": "limit"}).get("limit")
+        arguments = _query_arguments(environ, {"limit": "limit", "after": "after"})
+        limit = arguments.get("limit")
         if limit is not None:
             _check_limit(limit)
-        return _json_bytes({"requests": inspector.requests(limit or inspect)})
+        after = arguments.get("after", "0")
+        if not (after.isascii() and after.isdigit()) or len(after) > 18:
+            raise TaskValidationError("after must be the id of a request, a whole number")
+        return _json_bytes({"requests": inspector.requests(limit or inspect, int(after))})
 
     if users is not None:
         @app.get("/users")

@@ -2230,10 +2230,14 @@ def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
     assert json.loads(created["response"]["body"]) == task
     assert created["response"]["headers"]["Location"] == "/tasks/" + task["id"]
     assert ISO_UTC.match(created["time"]) and created["durationMs"] >= 0
-    assert [entry["id"] for entry in kept] == [5, 4, 3, 2, 1]
+    first = kept[-1]["id"]
+    assert [entry["id"] for entry in kept] == [first + 4, first + 3, first + 2, first + 1, first]
+    assert first >= int(time.time() * 1000) - 60_000  # numbered from the start's time
     assert kept[1]["request"]["headers"]["X-Api-Key"] == "[redacted]"  # even a wrong key
     assert "X-Api-Key" not in kept[2]["request"]["headers"]
-    assert [entry["id"] for entry in _kept(client, limit=2)] == [5, 4]
+    assert [entry["id"] for entry in _kept(client, limit=2)] == [first + 4, first + 3]
+    assert [entry["id"] for entry in _kept(client, after=first + 2)] == [first + 4, first + 3]
+    assert_error(client.get("/requests?after=x", headers=HEADERS, status=400), 400)
     assert_error(client.get("/requests", status=401), 401)
     assert_error(client.get("/requests?limit=0", headers=HEADERS, status=400), 400)
     application.close()
@@ -2328,10 +2332,12 @@ def _genesy_session(running):
     return 9
 
 
-@pytest.fixture
-def recording(tmp_path):
-    path = tmp_path / "genesy.jsonl"
-    running = Server(tmp_path, "--record", str(path))
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    """One recording for the replay tests, which only read it."""
+    directory = tmp_path_factory.mktemp("recording")
+    path = directory / "genesy.jsonl"
+    running = Server(directory, "--record", str(path))
     try:
         count = _genesy_session(running)
         _wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == count)
@@ -2353,7 +2359,7 @@ def test_a_recording_holds_each_request_and_answer_whole_with_the_key_redacted(r
     assert [(line["method"], line["response"]["status"]) for line in lines] == [
         ("POST", 201), ("POST", 201), ("GET", 200), ("PATCH", 200), ("POST", 200),
         ("PATCH", 200), ("GET", 401), ("POST", 404), ("DELETE", 204)]
-    assert [line["id"] for line in lines] == list(range(1, 10))  # oldest first
+    assert [line["id"] - lines[0]["id"] for line in lines] == list(range(9))  # oldest first
     assert all(line["request"]["headers"]["X-Api-Key"] == "[redacted]"
                for line in lines if line["response"]["status"] != 401)
     assert KEY not in recording.read_text()
@@ -3329,10 +3335,10 @@ def test_the_dashboards_requests_view_shows_what_was_sent_as_text(server, browse
     assert KEY not in browser.find_element(By.ID, "requests-view").text
     assert browser.find_elements(By.CSS_SELECTOR, "#request-list img, #request-list b") == []
     assert browser.title == "genesy-tasks"
-    # It stays open across the view's refreshes (every 2 s).
-    shown = browser.find_element(By.ID, "status").text
-    _eventually(lambda: browser.find_element(By.ID, "status").text != shown)
-    assert _request_items(browser)[2].get_attribute("open") == "true"
+    # It stays open as new requests arrive (the view looks every second).
+    server.request("GET", "/tasks/task-none")
+    _eventually(lambda: len(_request_items(browser)) == 4)
+    assert _request_items(browser)[3].get_attribute("open") == "true"
 
     if os.environ.get("GENESY_REQUESTS_SCREENSHOT"):  # how docs/requests.png is made
         browser.set_window_size(1280, 900)
@@ -3341,7 +3347,8 @@ def test_the_dashboards_requests_view_shows_what_was_sent_as_text(server, browse
     # Filters: by status class, then by path.
     Select(browser.find_element(By.ID, "status-class")).select_by_value("4")
     _eventually(lambda: [item.find_element(By.CSS_SELECTOR, ".target").text
-                         for item in _request_items(browser)] == ["/health", "/contacts"])
+                         for item in _request_items(browser)] == [
+                             "/tasks/task-none", "/health", "/contacts"])
     browser.find_element(By.ID, "path-filter").send_keys("contacts")
     _eventually(lambda: len(_request_items(browser)) == 1)
     problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
