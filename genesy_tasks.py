@@ -2332,6 +2332,11 @@ function failed(error, what) {
   }
 }
 
+function updated() {
+  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+  $("status").className = "";
+}
+
 function cell(row, text, className) {
   const td = document.createElement("td");
   td.textContent = text === null || text === undefined ? "" : String(text);
@@ -2390,8 +2395,7 @@ async function refresh() {
   if (owner) query.set("ownerId", owner);
   try {
     render(await call("GET", "/tasks?" + query));
-    $("status").textContent = "Updated " + new Date().toLocaleTimeString();
-    $("status").className = "";
+    updated();
   } catch (error) {
     failed(error, "Could not refresh");
     if (error instanceof Unauthorized) return;
@@ -2503,8 +2507,7 @@ async function refreshRequests() {
       seen = page.requests.concat(seen).slice(0, 500);
       renderRequests();
     }
-    $("status").textContent = "Updated " + new Date().toLocaleTimeString();
-    $("status").className = "";
+    updated();
   } catch (error) {
     failed(error, "Could not load the requests");
     if (error instanceof Unauthorized) return;

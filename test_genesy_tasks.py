@@ -2394,14 +2394,8 @@ def test_a_recording_replays_against_a_fresh_server_and_every_request_passes(rec
      r"recorded array"),
 ])
 def test_replay_reports_how_a_wrong_server_differs(recording, db_path, fault, line):
-    httpd, real = _broken_server(db_path, fault)
-    try:
-        status, lines = _replay(recording, "http://127.0.0.1:%d" % httpd.server_port,
-                                "--api-key", KEY)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        real.close()
+    status, lines = _against_broken_server(
+        db_path, fault, lambda url, *args: _replay(recording, url, *args))
     output = "\n".join(lines)
     assert status == 1, output
     assert re.search("^" + line + "$", output, re.M), output
@@ -3100,18 +3094,23 @@ def _broken_server(db_path, fault):
      r"expected true"),
 ])
 def test_check_catches_a_broken_server_with_a_precise_line(db_path, fault, failed, line):
-    httpd, real = _broken_server(db_path, fault)
-    try:
-        status, lines = _check("http://127.0.0.1:%d" % httpd.server_port, "--api-key", KEY)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        real.close()
+    status, lines = _against_broken_server(db_path, fault, _check)
     output = "\n".join(lines)
     assert status == 1, output
     assert sorted(re.findall(r"^FAIL  ([^:]+):", output, re.M)) == sorted(failed), output
     assert re.search("^" + line + "$", output, re.M), output
     assert lines[-1] == "12 checks: %d passed, %d failed" % (12 - len(failed), len(failed))
+
+
+def _against_broken_server(db_path, fault, run, *args):
+    """``run(url, *args, "--api-key", KEY)`` against a broken server: (status, lines)."""
+    httpd, real = _broken_server(db_path, fault)
+    try:
+        return run("http://127.0.0.1:%d" % httpd.server_port, *args, "--api-key", KEY)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        real.close()
 
 
 def test_check_says_what_it_left_behind_when_delete_is_not_supported(db_path):
