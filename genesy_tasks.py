@@ -77,6 +77,7 @@ DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 500
 #: How many requests the request inspector keeps (GET /requests, the dashboard).
 DEFAULT_INSPECT = 200
+MAX_INSPECT = 10_000  # each may hold about 132 KiB: 1.3 GB at most
 #: How long the change feed keeps a deleted task's deletion, at least (days).
 DELETIONS_KEPT_DAYS = 7
 
@@ -1881,7 +1882,7 @@ def _text(data):
     return data.decode("utf-8", "replace")
 
 
-def _headers_of(environ, redacted):
+def _headers_of(environ, redacted, scrub):
     """The request's headers as {Name: value}, the secrets' values redacted."""
     headers, size = {}, 0
     for key, value in environ.items():
@@ -1892,7 +1893,8 @@ def _headers_of(environ, redacted):
         else:
             continue
         name = "-".join(part.capitalize() for part in name.split("_"))
-        value = _REDACTED if key in redacted else _text(value.encode("latin-1", "replace"))
+        value = _REDACTED if key in redacted else scrub(_text(value.encode("latin-1",
+                                                                             "replace")))
         size += len(name) + len(value)
         if size > _INSPECT_HEADERS:
             headers["..."] = "more headers, not kept"
@@ -1907,12 +1909,15 @@ class RequestInspector:
     Kept in memory for GET /requests and the dashboard, and, with ``record``,
     appended to that file as JSON lines (created readable by its owner only).
     Values of the API key header, Authorization and Cookie are replaced by
-    "[redacted]". The dashboard's own requests and the inspector's are not kept.
+    "[redacted]", and so is an accepted key wherever else it appears (sent in
+    another header, a query, a body). The dashboard's own requests and the
+    inspector's are not kept.
     """
 
     def __init__(self, capacity, key_header=DEFAULT_HEADER, record=None,
                  max_body=DEFAULT_MAX_BODY):
         self.capacity, self.max_body = capacity, max_body
+        self.keys = []  # the accepted keys, as text: set by make_app
         self.kept = collections.deque(maxlen=capacity)
         # Numbered from the time it started, in milliseconds: a restarted
         # server's numbers follow the last one's, so "after" stays true.
@@ -1926,11 +1931,33 @@ class RequestInspector:
         if self.recording is not None:
             self.recording.close()
 
-    def requests(self, limit, after=0):
-        """The newest ``limit`` requests kept (after the one numbered ``after``)."""
+    def _recorded_body(self, data):
+        """A body for the recording: whole, as text, or base64 when it is not
+        UTF-8, so that replay sends the same bytes."""
+        if not data:
+            return {"body": None, "truncated": False}
+        try:
+            return {"body": self.scrub(data.decode("utf-8")), "truncated": False}
+        except UnicodeDecodeError:
+            return {"body": base64.b64encode(data).decode("ascii"), "encoding": "base64",
+                    "truncated": False}
+
+    def scrub(self, text):
+        """``text`` with every accepted key in it redacted."""
+        for key in self.keys:
+            if key in text:
+                text = text.replace(key, _REDACTED)
+        return text
+
+    def requests(self, limit, after=None):
+        """The newest ``limit`` requests kept, newest first; with ``after``, the
+        ``limit`` that came right after the one numbered so (a script paging
+        forward misses none)."""
         with self.lock:
-            newer = itertools.takewhile(lambda entry: entry["id"] > after, reversed(self.kept))
-            return list(itertools.islice(newer, limit))
+            if after is None:
+                return list(itertools.islice(reversed(self.kept), limit))
+            newer = [entry for entry in self.kept if entry["id"] > after]
+        return newer[:limit][::-1]
 
     def serve(self, app, environ, start_response):
         """Run the WSGI ``app`` on this request, keeping it and its answer."""
@@ -1951,8 +1978,8 @@ class RequestInspector:
             size = int(length) if length.isdigit() else None
         entry = {
             "id": None, "time": when, "method": environ.get("REQUEST_METHOD", ""),
-            "path": _request_target(environ),
-            "request": {"headers": _headers_of(environ, self.redacted)},
+            "path": self.scrub(_request_target(environ)),
+            "request": {"headers": _headers_of(environ, self.redacted, self.scrub)},
         }
         answer = {}
 
@@ -1978,13 +2005,13 @@ class RequestInspector:
         with self.lock:
             entry["id"] = next(self.numbers)
         if self.recording is not None:
-            line = dict(entry, request=dict(request, body=_text(body), truncated=False),
-                        response=dict(entry["response"], body=_text(answered),
-                                      truncated=False))
+            line = dict(entry, request=dict(request, **self._recorded_body(body)),
+                        response=dict(entry["response"], **self._recorded_body(answered)))
             self.recording.append(_json_bytes(line) + b"\n")
-        request["body"] = _text(body[:_INSPECT_BODY]) if body else None
+        request["body"] = self.scrub(_text(body[:_INSPECT_BODY])) if body else None
         request["truncated"] = max(request["bytes"], len(body)) > _INSPECT_BODY
-        entry["response"]["body"] = _text(answered[:_INSPECT_ANSWER]) if answered else None
+        entry["response"]["body"] = (self.scrub(_text(answered[:_INSPECT_ANSWER]))
+                                     if answered else None)
         entry["response"]["truncated"] = total > _INSPECT_ANSWER
         with self.lock:
             self.kept.append(entry)
@@ -2089,9 +2116,11 @@ def _request_target(environ):
     return quote(path, safe="/%:@!$&'()*+,;=-._~") + ("?" + query if query else "")
 
 
-def _inspected(environ):
-    """Whether the inspector keeps this request: not the dashboard's, nor its own."""
-    if "HTTP_X_GENESY_DASHBOARD" in environ:
+def _inspected(environ, authorized):
+    """Whether the inspector keeps this request: not the dashboard's, nor its own.
+    (A request saying it is the dashboard's without the key is kept: no one
+    hides from the inspector by saying so.)"""
+    if "HTTP_X_GENESY_DASHBOARD" in environ and authorized(environ):
         return False
     return not (environ.get("REQUEST_METHOD") in ("GET", "HEAD")
                 and environ.get("PATH_INFO", "") in ("", "/", "/requests"))
@@ -2099,7 +2128,8 @@ def _inspected(environ):
 
 class TasksApp(bottle.Bottle):
     """The Bottle application :func:`make_app` returns; ``close()`` also closes its
-    store. ``inspector`` is its RequestInspector, or None."""
+    store. ``inspector`` is its RequestInspector, or None; ``authorized(environ)``,
+    set by make_app, says whether a request carries an accepted key."""
 
     def __init__(self, store, max_body, max_batch, inspector=None):
         super().__init__()
@@ -2107,7 +2137,7 @@ class TasksApp(bottle.Bottle):
         self.inspector = inspector
 
     def __call__(self, environ, start_response):
-        if self.inspector is not None and _inspected(environ):
+        if self.inspector is not None and _inspected(environ, self.authorized):
             return self.inspector.serve(self.wsgi, environ, start_response)
         return self.wsgi(environ, start_response)
 
@@ -2494,7 +2524,8 @@ function renderRequests() {
     list.appendChild(requestItem(entry));
   }
   $("request-list").replaceWith(list);
-  $("no-requests").hidden = list.children.length > 0;
+  $("no-requests").hidden = seen.length > 0;
+  $("no-match").hidden = !seen.length || list.children.length > 0;
 }
 
 async function refreshRequests() {
@@ -2510,7 +2541,8 @@ async function refreshRequests() {
     updated();
   } catch (error) {
     failed(error, "Could not load the requests");
-    if (error instanceof Unauthorized) return;
+    // Unauthorized: the login form is back. Off (--inspect 0): nothing to wait for.
+    if (error instanceof Unauthorized || error.message.includes("--inspect 0")) return;
   }
   if (view === "requests") requestsTimer = setTimeout(refreshRequests, 1000);
 }
@@ -2602,6 +2634,7 @@ _DASHBOARD_PAGE = """<!doctype html>
     <label>Path <input id="path-filter" placeholder="part of the path, e.g. /tasks/batch"></label>
   </form>
   <ol id="request-list"></ol>
+  <p id="no-match" class="empty" hidden>No request kept matches these filters.</p>
   <p id="no-requests" class="empty" hidden>No requests yet. Every request Genesy (or anyone)
     sends appears here within a second, with its headers, its body and the answer.</p>
 </main>
@@ -2674,9 +2707,9 @@ def _iso8601_pattern(date_separator, time_separator):
 
 
 def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
-                     max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False):
+                     max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False, inspect=True):
     """The OpenAPI 3.1 description of the routes :func:`make_app` serves
-    (``users``: whether it serves GET /users)."""
+    (``users``, ``inspect``: whether it serves GET /users, GET /requests)."""
     text_or_null = {"type": ["string", "null"]}
     iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
     due_date = {"type": ["string", "null"], "pattern": iso8601,
@@ -2754,7 +2787,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                               "body": {"type": ["string", "null"]},
                               "bytes": {"type": "integer", "minimum": 0},
                               "truncated": {"type": "boolean"}}}
-    change_paths["/requests"] = {"get": {
+    requests_path = {"get": {
         "operationId": "listRequests",
         "summary": "The requests the server answered lately, newest first (the inspector)",
         "description": "Every request but the dashboard's and the inspector's own, with its "
@@ -2764,7 +2797,8 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                             schema={"type": "integer", "minimum": 1,
                                     "maximum": MAX_LIST_LIMIT}),
                        {"name": "after", "in": "query", "required": False,
-                        "description": "Only requests with a greater id (newer)",
+                        "description": "Only the requests right after this one (the oldest of "
+                       "them first to go, newest first in the answer)",
                         "schema": {"type": "integer", "minimum": 0}}],
         "responses": {"200": json_response("The requests", {
             "type": "object", "required": ["requests"], "additionalProperties": False,
@@ -2780,8 +2814,10 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                     "response": {"allOf": [message, {
                         "type": "object", "required": ["status"],
                         "properties": {"status": {"type": "integer"}}}]}}}}}}),
-            **_error_responses(400, 404)},
+            **_error_responses(400)},
     }}
+    if inspect:
+        change_paths["/requests"] = requests_path
     if users:
         change_paths["/users"] = {"get": {
             "operationId": "listUsers",
@@ -2972,8 +3008,10 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     if users is not None and not callable(users):
         users = _json_bytes(_check_users(users, "users"))
     key_environ = _environ_key(header)
-    if isinstance(inspect, bool) or not isinstance(inspect, int) or inspect < 0:
-        raise ValueError("inspect must be a whole number of requests, 0 for none")
+    if isinstance(inspect, bool) or not isinstance(inspect, int) \
+            or not 0 <= inspect <= MAX_INSPECT:
+        raise ValueError("inspect must be a whole number of requests from 0 (none) to %d"
+                         % MAX_INSPECT)
     inspector = (RequestInspector(inspect, header, record, max_body)
                  if inspect or record else None)
     keys = _parse_api_keys(api_keys)
@@ -2991,6 +3029,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                 inspector.close()
             raise
         _warn_if_others_can_read(store.path)
+    if inspector is not None:
+        inspector.keys = list(keys)
     keys = [key.encode("utf-8") for key in keys]
     app = TasksApp(store, max_body, max_batch, inspector)
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
@@ -3007,6 +3047,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         for key in keys:
             match |= hmac.compare_digest(given, key)
         return match
+
+    app.authorized = authorized
 
     def api(callback):
         """Wrap a route: the API key first, then every failure as Genesy's JSON error."""
@@ -3075,7 +3117,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         base = base_path(bottle.request.environ)
         if base not in documents:
             documents[base] = _json_bytes(openapi_document(header, max_body, max_batch,
-                                                           base or "/", users is not None))
+                                                           base or "/", users is not None,
+                                                           bool(inspect)))
         bottle.response.content_type = "application/json"
         bottle.response.set_header("X-Content-Type-Options", "nosniff")
         return documents[base]
@@ -3105,10 +3148,12 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         limit = arguments.get("limit")
         if limit is not None:
             _check_limit(limit)
-        after = arguments.get("after", "0")
-        if not (after.isascii() and after.isdigit()) or len(after) > 18:
-            raise TaskValidationError("after must be the id of a request, a whole number")
-        return _json_bytes({"requests": inspector.requests(limit or inspect, int(after))})
+        after = arguments.get("after")
+        if after is not None:
+            if not (after.isascii() and after.isdigit()) or len(after) > 18:
+                raise TaskValidationError("after must be the id of a request, a whole number")
+            after = int(after)
+        return _json_bytes({"requests": inspector.requests(limit or inspect, after)})
 
     if users is not None:
         @app.get("/users")
@@ -4679,6 +4724,11 @@ def _with_ids(text, ids):
 def _replay_one(client, entry, ids, header):
     """Send one recorded request; (what was sent, the differences, the answer)."""
     method, recorded = entry["method"], entry["response"]
+    body = entry["request"].get("body")
+    if entry["request"].get("encoding") == "base64":
+        data = base64.b64decode(body)  # not UTF-8: the bytes as recorded
+    else:
+        data = None if body is None else _with_ids(body, ids).encode("utf-8")
     path = _with_ids(entry["path"], ids)
     headers, sent_key = {}, False
     for name, value in entry["request"]["headers"].items():
@@ -4689,14 +4739,15 @@ def _replay_one(client, entry, ids, header):
     # A request sent without a key, or with a wrong one, is replayed so.
     key = (True if recorded["status"] != 401 else "genesy-replay-wrong-key") if sent_key \
         else None
-    body = _with_ids(entry["request"].get("body"), ids)
-    status, parsed, text = client.send(method, path, None if body is None
-                                       else body.encode("utf-8"), headers, key)
+    status, parsed, text = client.send(method, path, data, headers, key)
     differences = []
     if status != recorded["status"]:
-        differences.append("status %d, recorded %d" % (status, recorded["status"]))
+        differences.append("status %d, recorded %d%s" % (
+            status, recorded["status"], " (the key was refused: see --api-key and --header)"
+            if status == 401 and key is True else ""))
     try:
-        expected = _decode_json(recorded.get("body") or "")
+        expected = (None if recorded.get("encoding") == "base64"
+                    else _decode_json(recorded.get("body") or ""))
     except ValueError:
         expected = None  # not JSON (or cut): the status says enough
     if expected is not None and not recorded.get("truncated"):
@@ -4707,8 +4758,18 @@ def _replay_one(client, entry, ids, header):
     return "%s %s" % (method, path), differences, (status, parsed)
 
 
-def run_replay(path, url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=False,
-               out=None):
+def _recorded_key_header(requests):
+    """The header the recording's key came in: the redacted one that is not a
+    standard secret's, else X-API-Key."""
+    for entry in requests:
+        for name, value in entry["request"]["headers"].items():
+            if value == _REDACTED and name.lower() not in (
+                    "authorization", "proxy-authorization", "cookie"):
+                return name
+    return DEFAULT_HEADER
+
+
+def run_replay(path, url, key, header=None, timeout=10.0, insecure=False, out=None):
     """Send the requests recorded in ``path`` (--record) to the server at ``url``,
     in order, and compare each answer with the recorded one; print a line each.
 
@@ -4716,11 +4777,16 @@ def run_replay(path, url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=Fal
     keys, value types and array lengths (values such as ids and timestamps
     differ by nature). An id a recorded create returned stands for the id the
     target returned for it in later paths and bodies. Tasks the replay
-    created are deleted afterwards where the target allows it. Returns the
-    number of requests that differed; ValueError for a bad file or URL.
+    created are deleted afterwards where the target allows it. ``header`` is
+    the key's header; None: the one the recording shows. Returns the number
+    of requests that differed; ValueError for a bad file or URL.
     """
     out = out or sys.stdout
     requests = _recorded_requests(path)
+    if not requests:
+        raise ValueError("%s holds no recorded request" % path)
+    if header is None:
+        header = _recorded_key_header(requests)
     client = _CheckClient(url, key, header, timeout, insecure)
     ids, created, failed = {}, [], 0
     print("genesy-tasks replay of %s (%d requests) against %s" % (path, len(requests), url),
@@ -4733,6 +4799,9 @@ def run_replay(path, url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=Fal
                 print("FAIL  #%d %s %s: cannot talk to %s: %s" % (
                     number, entry["method"], entry["path"], url, error), file=out)
                 failed += len(requests) - number + 1
+                if number < len(requests):
+                    print("      (the %d requests after it were not sent)"
+                          % (len(requests) - number), file=out)
                 break
             recorded = entry["response"]
             if entry["method"] == "POST" and entry["path"].split("?")[0].endswith("/tasks"):
@@ -4851,9 +4920,11 @@ def _build_parser():
         command.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8080")
         command.add_argument("--api-key", help="the key to send (default: GENESY_API_KEY, "
                                                "else the key generated in --db)")
-        command.add_argument("--header",
-                             default=_env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER),
-                             help="the header that carries the key (env GENESY_API_KEY_HEADER)")
+        command.add_argument(
+            "--header", default=_env_default(
+                "GENESY_API_KEY_HEADER", DEFAULT_HEADER if command is check else None),
+            help="the header that carries the key (env GENESY_API_KEY_HEADER)%s"
+                 % ("" if command is check else "; default: the one the recording shows"))
         option("db", command,
                "where to find a generated key when none is given, opened read-only")
         command.add_argument("--timeout", type=_seconds, default=10.0,
@@ -5128,6 +5199,8 @@ def main(argv=None):
             print("API key header: %s" % header)
             print("API key: %s (generated and kept in %s; set GENESY_API_KEY to use your own)"
                   % (generated_key, args.db))
+        if args.record:
+            print("Recording every request and its answer to %s" % args.record)
         sys.stdout.flush()
         served = True
         server.serve_forever()

@@ -2236,7 +2236,10 @@ def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
     assert kept[1]["request"]["headers"]["X-Api-Key"] == "[redacted]"  # even a wrong key
     assert "X-Api-Key" not in kept[2]["request"]["headers"]
     assert [entry["id"] for entry in _kept(client, limit=2)] == [first + 4, first + 3]
-    assert [entry["id"] for entry in _kept(client, after=first + 2)] == [first + 4, first + 3]
+    # With after, the ones right after it: a script paging forward misses none.
+    assert [entry["id"] for entry in _kept(client, after=first + 1)] == [
+        first + 4, first + 3, first + 2]
+    assert [entry["id"] for entry in _kept(client, after=first + 1, limit=1)] == [first + 2]
     assert_error(client.get("/requests?after=x", headers=HEADERS, status=400), 400)
     assert_error(client.get("/requests", status=401), 401)
     assert_error(client.get("/requests?limit=0", headers=HEADERS, status=400), 400)
@@ -2249,8 +2252,24 @@ def test_the_inspector_leaves_out_the_dashboard_and_itself(db_path):
     client.get("/tasks", headers={**HEADERS, "X-Genesy-Dashboard": "1"})
     client.get("/requests", headers=HEADERS)
     client.get("/openapi.json")
-    assert [entry["path"] for entry in _kept(client)] == ["/openapi.json"]
+    # Saying so without the key hides nothing.
+    client.get("/tasks?probe=1", headers={"X-Genesy-Dashboard": "1"}, status=401)
+    assert [entry["path"] for entry in _kept(client)] == ["/tasks?probe=1", "/openapi.json"]
     application.close()
+
+
+def test_a_key_is_redacted_wherever_it_is_sent(db_path, tmp_path):
+    record = tmp_path / "rec.jsonl"
+    application, client = _inspected_app(db_path, header="X-Secret", record=str(record))
+    client.get("/health", headers={"X-API-Key": KEY}, status=401)  # the wrong header
+    client.get("/nope?key=" + KEY, headers={"X-Secret": KEY}, status=404)
+    client.post_json("/contacts", {"apiKey": KEY}, headers={"X-Secret": KEY}, status=404)
+    kept = client.get("/requests", headers={"X-Secret": KEY}).json["requests"]
+    assert kept[2]["request"]["headers"]["X-Api-Key"] == "[redacted]"
+    assert kept[1]["path"] == "/nope?key=[redacted]"
+    assert json.loads(kept[0]["request"]["body"]) == {"apiKey": "[redacted]"}
+    application.close()
+    assert KEY not in json.dumps(kept) and KEY not in record.read_text()
 
 
 def test_the_inspector_is_bounded_and_redacts_secrets(db_path):
@@ -2281,7 +2300,11 @@ def test_with_the_inspector_off_get_requests_is_a_json_404(db_path):
     assert_error(client.get("/requests", headers=HEADERS, status=404), 404,
                  mentions=["--inspect 0"])
     assert application.inspector is None
+    assert "/requests" not in client.get("/openapi.json").json["paths"]
     application.close()
+    for wrong in (-1, genesy_tasks.MAX_INSPECT + 1, True):
+        with pytest.raises(ValueError, match="inspect"):
+            make_app(db_path, api_keys=KEY, inspect=wrong)
 
 
 def test_a_request_that_waited_for_a_lock_is_kept_once(db_path):
@@ -2402,6 +2425,25 @@ def test_replay_reports_how_a_wrong_server_differs(recording, db_path, fault, li
     assert re.search(r"^9 requests: \d passed, [1-9] failed$", output, re.M), output
 
 
+def test_replay_finds_the_key_header_and_sends_bytes_that_are_not_utf_8(tmp_path):
+    record = tmp_path / "secret.jsonl"
+    application = make_app(str(tmp_path / "a.db"), api_keys=KEY, header="X-Secret",
+                           record=str(record))
+    client = webtest.TestApp(application)
+    client.post("/tasks", b'{"subject": "caf\xe9"}',
+                headers={"X-Secret": KEY, "Content-Type": "application/json"}, status=400)
+    client.post_json("/tasks", {"subject": "Call"}, headers={"X-Secret": KEY}, status=201)
+    application.close()
+    line = json.loads(record.read_text().splitlines()[0])
+    assert line["request"]["encoding"] == "base64"
+    other = make_app(str(tmp_path / "b.db"), api_keys="other-key", header="X-Secret")
+    with _server_thread(other) as server:
+        status, lines = _replay(record, "http://127.0.0.1:%d" % server.port,
+                                "--api-key", "other-key")
+    other.close()
+    assert status == 0, lines  # the 400 again: the same bytes, not a UTF-8 guess
+
+
 def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
@@ -2410,6 +2452,11 @@ def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
                             "--timeout", "2")
     assert status == 1 and lines[-1] == "9 requests: 0 passed, 9 failed"
     assert re.match(r"FAIL  #1 POST /tasks: cannot talk to .*refused", lines[1])
+    assert lines[2] == "      (the 8 requests after it were not sent)"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert _replay(empty, "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
+    assert "holds no recorded request" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"method": "GET"}\n')
     assert _replay(bad, "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
