@@ -1432,10 +1432,21 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
 # -- serving a store from an event loop ------------------------------------------
 
 #: Set by TaskServer in a request's environ when it can run the request again
-#: later if it meets another connection's write lock. The application then
-#: sets MET_LOCK_KEY beside its 503, and the server retries instead of sending it.
+#: later if it meets another connection's write lock (its value: until when,
+#: on time.monotonic()). The application then sets MET_LOCK_KEY beside its
+#: 503, and the server retries instead of sending it.
 RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
 MET_LOCK_KEY = "genesy_tasks.met_lock"
+_WILL_RETRY_KEY = "genesy_tasks.will_retry"
+
+
+def _will_retry(environ):
+    """Whether the server runs this request again rather than send its answer:
+    decided once, so that the server and the inspector agree."""
+    if _WILL_RETRY_KEY not in environ:
+        environ[_WILL_RETRY_KEY] = (bool(environ.get(MET_LOCK_KEY))
+                                    and time.monotonic() < environ.get(RETRY_ON_LOCK_KEY, 0))
+    return environ[_WILL_RETRY_KEY]
 # Set by the app on an answer that rests on nothing its commit group wrote: a
 # health check, a request refused for its own content (a validator, a CRM's
 # constraint). It stands even if the group is lost (a trigger's
@@ -1843,9 +1854,10 @@ _INSPECT_HEADERS = 64 * 1024   # all of a request's or an answer's header names 
 #: Requests that carry this header are the dashboard's own: not kept.
 DASHBOARD_HEADER = "X-Genesy-Dashboard"
 _REDACTED = "[redacted]"
-# Recorded requests waiting for the recording's thread, at most: past it they
-# are dropped (and counted in a log line), so a stalled disk holds up nobody.
-_MAX_UNRECORDED = 10_000
+# Bytes of recorded requests waiting for the recording's thread, at most: past
+# it they are dropped (and counted in a log line), so a stalled disk holds up
+# nobody and memory stays bounded.
+_MAX_UNRECORDED = 64 * 1024 * 1024
 
 
 class _BodyReplay(io.RawIOBase):
@@ -1854,6 +1866,7 @@ class _BodyReplay(io.RawIOBase):
     def __init__(self, head, rest):
         super().__init__()
         self.head, self.rest = io.BytesIO(head), rest
+        self.read_later = 0  # bytes read from ``rest``
 
     def readable(self):
         return True
@@ -1861,10 +1874,13 @@ class _BodyReplay(io.RawIOBase):
     def read(self, size=-1):
         data = self.head.read(size)
         if size is None or size < 0:
-            return data + self.rest.read()
-        if len(data) < size:
-            data += self.rest.read(size - len(data))
-        return data
+            later = self.rest.read()
+        elif len(data) < size:
+            later = self.rest.read(size - len(data))
+        else:
+            return data
+        self.read_later += len(later)
+        return data + later
 
     def readinto(self, buffer):
         data = self.read(len(buffer))
@@ -1917,11 +1933,10 @@ class RequestInspector:
     def __init__(self, capacity, key_header=DEFAULT_HEADER, record=None,
                  max_body=DEFAULT_MAX_BODY):
         self.capacity, self.max_body = capacity, max_body
-        self.keys = []  # the accepted keys, as text: set by make_app
+        self.keys = []  # the accepted keys, as text, and the check of a request's
+        self.authorized = lambda environ: False  # key: both set by make_app
         self.kept = collections.deque(maxlen=capacity)
-        # Numbered from the time it started, in milliseconds: a restarted
-        # server's numbers follow the last one's, so "after" stays true.
-        self.numbers = itertools.count(int(time.time() * 1000))
+        self.last = 0  # the last id given
         self.lock = threading.Lock()
         self.redacted = {_environ_key(key_header), "HTTP_AUTHORIZATION",
                          "HTTP_PROXY_AUTHORIZATION", "HTTP_COOKIE"}
@@ -1931,16 +1946,17 @@ class RequestInspector:
         if self.recording is not None:
             self.recording.close()
 
-    def _recorded_body(self, data):
-        """A body for the recording: whole, as text, or base64 when it is not
-        UTF-8, so that replay sends the same bytes."""
+    def _recorded_body(self, data, size):
+        """A body for the recording: as text, or base64 when it is not UTF-8, so
+        that replay sends the same bytes."""
         if not data:
             return {"body": None, "truncated": False}
+        cut = len(data) < size
         try:
-            return {"body": self.scrub(data.decode("utf-8")), "truncated": False}
+            return {"body": self.scrub(data.decode("utf-8")), "truncated": cut}
         except UnicodeDecodeError:
             return {"body": base64.b64encode(data).decode("ascii"), "encoding": "base64",
-                    "truncated": False}
+                    "truncated": cut}
 
     def scrub(self, text):
         """``text`` with every accepted key in it redacted."""
@@ -1966,16 +1982,18 @@ class RequestInspector:
         whole = self.recording is not None  # the recording keeps whole bodies
         body, size = b"", None
         length = environ.get("CONTENT_LENGTH", "")
+        length = int(length) if length.isascii() and length.isdigit() else None
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if (length.isdigit() and int(length)) or chunked:
+        replay = None
+        if length or (chunked and length is None):
             # Read ahead (the app reads it again from _BodyReplay), at most
             # what the app would accept: a recording keeps whole bodies.
             limit = self.max_body + 1 if whole else _INSPECT_BODY + 1
-            if length.isdigit():
-                limit = min(limit, int(length))
+            if length is not None:
+                limit = min(limit, length)
             body = environ["wsgi.input"].read(limit)
-            environ["wsgi.input"] = _BodyReplay(body, environ["wsgi.input"])
-            size = int(length) if length.isdigit() else None
+            replay = environ["wsgi.input"] = _BodyReplay(body, environ["wsgi.input"])
+            size = length
         entry = {
             "id": None, "time": when, "method": environ.get("REQUEST_METHOD", ""),
             "path": self.scrub(_request_target(environ)),
@@ -1988,33 +2006,47 @@ class RequestInspector:
             return start_response(status, headers, exc_info)
 
         chunks = app(environ, start)
-        return _Answered(chunks, self, environ, entry, body, size, answer, started)
+        return _Answered(chunks, self, environ, entry, body, (size, replay), answer, started)
 
     def _keep(self, environ, entry, body, size, answer, answered, total, started):
-        if environ.get(MET_LOCK_KEY):
+        if _will_retry(environ):
             return  # the server runs it again once the lock is gone: that one is kept
         entry["durationMs"] = round((time.perf_counter() - started) * 1000, 3)
         request = entry["request"]
-        request["bytes"] = len(body) if size is None else size
+        size, replay = size
+        if size is None:  # chunked: as many as were read, here and by the app
+            size = len(body) + (replay.read_later if replay is not None else 0)
+        request["bytes"] = size
         status = answer.get("status", "500")
         entry["response"] = {
             "status": int(status[:3]) if status[:3].isdigit() else 0,
             "headers": {name: value for name, value in answer.get("headers", ())},
             "bytes": total,
         }
-        with self.lock:
-            entry["id"] = next(self.numbers)
+        recorded = None
         if self.recording is not None:
-            line = dict(entry, request=dict(request, **self._recorded_body(body)),
-                        response=dict(entry["response"], **self._recorded_body(answered)))
-            self.recording.append(_json_bytes(line) + b"\n")
+            # Whole bodies for requests with the key; others' as the
+            # inspector keeps them: no one fills the disk by knocking.
+            whole = self.authorized(environ)
+            sent = body if whole else body[:_INSPECT_BODY]
+            got = answered if whole else answered[:_INSPECT_ANSWER]
+            recorded = (dict(request, **self._recorded_body(sent, size)),
+                        dict(entry["response"], **self._recorded_body(got, total)))
         request["body"] = self.scrub(_text(body[:_INSPECT_BODY])) if body else None
         request["truncated"] = max(request["bytes"], len(body)) > _INSPECT_BODY
         entry["response"]["body"] = (self.scrub(_text(answered[:_INSPECT_ANSWER]))
                                      if answered else None)
         entry["response"]["truncated"] = total > _INSPECT_ANSWER
         with self.lock:
+            # Numbered by the time it is kept, in microseconds, and always
+            # above the last: ids go up in the order kept (a poller's "after"
+            # misses none), and a restarted server's follow the last one's.
+            # The recording gets its line in the same order.
+            entry["id"] = self.last = max(self.last + 1, int(time.time() * 1_000_000))
             self.kept.append(entry)
+            if recorded is not None:
+                self.recording.append(_json_bytes(dict(entry, request=recorded[0],
+                                                       response=recorded[1])) + b"\n")
 
 
 class _Answered:
@@ -2059,6 +2091,7 @@ class _Recording(threading.Thread):
             raise ValueError("cannot open the recording file %s: %s"
                              % (path, error.strerror or error)) from None
         self.lines = collections.deque()
+        self.waiting = 0  # bytes in self.lines
         self.ready = threading.Condition()
         self.stopping = False
         self.dropped = 0
@@ -2066,10 +2099,11 @@ class _Recording(threading.Thread):
 
     def append(self, line):
         with self.ready:
-            if len(self.lines) >= _MAX_UNRECORDED:
+            if self.waiting + len(line) > _MAX_UNRECORDED and self.lines:
                 self.dropped += 1
                 return
             self.lines.append(line)
+            self.waiting += len(line)
             self.ready.notify()
 
     def close(self, timeout=10.0):
@@ -2087,10 +2121,12 @@ class _Recording(threading.Thread):
                 if not self.lines:
                     break
                 lines, self.lines = self.lines, collections.deque()
+                self.waiting = 0
                 dropped, self.dropped = self.dropped, 0
             if dropped:
-                _report(sys.stderr, "genesy-tasks: recording: the disk is behind; %d "
-                                    "requests were not recorded\n" % dropped)
+                _report(sys.stderr, "genesy-tasks: recording: the disk is %d MiB behind; %d "
+                                    "requests were not recorded\n"
+                        % (_MAX_UNRECORDED // 1024 // 1024, dropped))
             try:
                 data = memoryview(b"".join(lines))
                 while data:
@@ -2106,14 +2142,11 @@ class _Recording(threading.Thread):
 
 
 def _request_target(environ):
-    """The request's path and query as the client sent them, where the server says."""
-    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if target:
-        return _text(target.encode("latin-1", "replace"))
-    path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode(
-        "latin-1", "replace")
+    """The request's path and query, from the app's root: what replay sends to
+    another server's base URL (a mount prefix is the base URL's)."""
+    path = environ.get("PATH_INFO", "").encode("latin-1", "replace")
     query = environ.get("QUERY_STRING", "")
-    return quote(path, safe="/%:@!$&'()*+,;=-._~") + ("?" + query if query else "")
+    return quote(path or b"/", safe="/%:@!$&'()*+,;=-._~") + ("?" + query if query else "")
 
 
 def _inspected(environ, authorized):
@@ -2528,12 +2561,16 @@ function renderRequests() {
   $("no-match").hidden = !seen.length || list.children.length > 0;
 }
 
+let loadingRequests = false;
+
 async function refreshRequests() {
   // Only what is new since the last look: the page keeps the rest.
   clearTimeout(requestsTimer);
-  const after = seen.length ? seen[0].id : 0;
+  if (loadingRequests) return;  // one look at a time: each would add the same ones
+  loadingRequests = true;
+  const query = seen.length ? "?limit=500&after=" + seen[0].id : "?limit=200";
   try {
-    const page = await call("GET", "/requests?after=" + after);
+    const page = await call("GET", "/requests" + query);
     if (page.requests.length || !seen.length) {
       seen = page.requests.concat(seen).slice(0, 500);
       renderRequests();
@@ -2542,8 +2579,12 @@ async function refreshRequests() {
   } catch (error) {
     failed(error, "Could not load the requests");
     // Unauthorized: the login form is back. Off (--inspect 0): nothing to wait for.
-    if (error instanceof Unauthorized || error.message.includes("--inspect 0")) return;
+    if (error instanceof Unauthorized || error.message.includes("--inspect 0")) {
+      loadingRequests = false;
+      return;
+    }
   }
+  loadingRequests = false;
   if (view === "requests") requestsTimer = setTimeout(refreshRequests, 1000);
 }
 
@@ -2793,7 +2834,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
         "description": "Every request but the dashboard's and the inspector's own, with its "
                        "answer; the API key's value is [redacted]. Request bodies are cut "
                        "at %d bytes, answers at %d." % (_INSPECT_BODY, _INSPECT_ANSWER),
-        "parameters": [dict(limit, description="Requests to return (default: all kept)",
+        "parameters": [dict(limit, description="Requests to return",
                             schema={"type": "integer", "minimum": 1,
                                     "maximum": MAX_LIST_LIMIT}),
                        {"name": "after", "in": "query", "required": False,
@@ -3012,25 +3053,22 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             or not 0 <= inspect <= MAX_INSPECT:
         raise ValueError("inspect must be a whole number of requests from 0 (none) to %d"
                          % MAX_INSPECT)
-    inspector = (RequestInspector(inspect, header, record, max_body)
-                 if inspect or record else None)
     keys = _parse_api_keys(api_keys)
     opened = not isinstance(db_path, TaskStore)
     store = TaskStore(db_path, busy_timeout=busy_timeout) if opened else db_path
     if validate is not None:
         store.validate = validate
-    if not keys:
-        try:
+    try:
+        if not keys:
             keys = [store.generated_api_key()]
-        except BaseException:
-            if opened:  # nobody else will
-                store.close()
-            if inspector is not None:
-                inspector.close()
-            raise
-        _warn_if_others_can_read(store.path)
-    if inspector is not None:
-        inspector.keys = list(keys)
+            _warn_if_others_can_read(store.path)
+        inspector = (RequestInspector(inspect, header, record, max_body)
+                     if inspect or record else None)
+    except BaseException:
+        if opened:  # nobody else will
+            store.close()
+        raise
+    keys_text = list(keys)
     keys = [key.encode("utf-8") for key in keys]
     app = TasksApp(store, max_body, max_batch, inspector)
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
@@ -3049,6 +3087,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         return match
 
     app.authorized = authorized
+    if inspector is not None:
+        inspector.keys, inspector.authorized = keys_text, authorized
 
     def api(callback):
         """Wrap a route: the API key first, then every failure as Genesy's JSON error."""
@@ -3153,7 +3193,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             if not (after.isascii() and after.isdigit()) or len(after) > 18:
                 raise TaskValidationError("after must be the id of a request, a whole number")
             after = int(after)
-        return _json_bytes({"requests": inspector.requests(limit or inspect, after)})
+        return _json_bytes({"requests": inspector.requests(limit or DEFAULT_LIST_LIMIT,
+                                                           after)})
 
     if users is not None:
         @app.get("/users")
@@ -4105,8 +4146,8 @@ class TaskServer:
         latest = time.monotonic() + self.shutdown_timeout / 2
         for conn in list(self._connections):
             if conn.parked is not None:
-                environ, keep_alive, deadline, answer = conn.parked
-                conn.parked = (environ, keep_alive, min(deadline, latest), answer)
+                environ, keep_alive, deadline = conn.parked
+                conn.parked = (environ, keep_alive, min(deadline, latest))
             if conn.request_started is None and conn.linger_until is None:
                 conn.transport.close()  # idle keep-alive: flushes, then closes
             else:
@@ -4160,7 +4201,7 @@ class TaskServer:
                 if deadline is None:
                     deadline = time.monotonic() + commits.lock_timeout
                 pristine = environ.copy()  # the application adds to it
-                environ[RETRY_ON_LOCK_KEY] = True
+                environ[RETRY_ON_LOCK_KEY] = deadline
         response = []
 
         def start_response(status, headers, exc_info=None):
@@ -4181,8 +4222,8 @@ class TaskServer:
             body = error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
         if commits is not None and environ.get(MET_LOCK_KEY):
-            if time.monotonic() < deadline:
-                conn.parked = (pristine, keep_alive, deadline, (status, headers, body))
+            if _will_retry(environ):
+                conn.parked = (pristine, keep_alive, deadline)
                 self._parked.append(conn)
                 if self._retry is None:
                     self._retry = self._loop.call_later(_LOCK_RETRY_INTERVAL,
@@ -4223,7 +4264,8 @@ class TaskServer:
 
     def _retry_parked(self):
         """Run again, oldest first, the requests that met another connection's
-        write lock; send its 503 to each whose time is up."""
+        write lock. One whose time is up runs a last time: its answer is sent,
+        the 503 if the lock is still held."""
         self._retry = None
         parked, self._parked = self._parked, []
         locked = False
@@ -4231,22 +4273,17 @@ class TaskServer:
             if conn.parked is None or conn.transport.is_closing():
                 conn.parked = None
                 continue
-            environ, keep_alive, deadline, answer = conn.parked
+            environ, keep_alive, deadline = conn.parked
             expired = time.monotonic() >= deadline
             if locked and not expired:
                 self._parked.append(conn)  # the lock is still held: no use trying now
                 continue
             conn.parked = None
             try:
-                if expired:
-                    self._log_lock_timeout(conn)
-                    keep_alive = keep_alive and not (self._stopping or conn.closing)
-                    self._answer(conn, environ, keep_alive, *answer, time.perf_counter())
-                else:
-                    environ["wsgi.input"].seek(0)
-                    if not self._handle(conn, dict(environ), keep_alive, deadline):
-                        locked = True
-                        continue
+                environ["wsgi.input"].seek(0)
+                if not self._handle(conn, dict(environ), keep_alive, deadline):
+                    locked = True
+                    continue
                 if conn.answered_one():
                     conn._process()  # its next requests, held back until now
                 self._budget(conn)
@@ -4695,9 +4732,17 @@ def _recorded_requests(path):
                     continue
                 try:
                     entry = _decode_json(line)
-                    entry["method"], entry["path"], entry["request"]["headers"]
-                    entry["response"]["status"]
+                    well_formed = (
+                        isinstance(entry["method"], str) and isinstance(entry["path"], str)
+                        and isinstance(entry["request"]["headers"], dict)
+                        and all(isinstance(value, str)
+                                for value in entry["request"]["headers"].values())
+                        and isinstance(entry["request"].get("body"), (str, type(None)))
+                        and isinstance(entry["response"]["status"], int)
+                        and isinstance(entry["response"].get("body"), (str, type(None))))
                 except (ValueError, KeyError, TypeError):
+                    well_formed = False
+                if not well_formed:
                     raise ValueError("%s line %d is not a recorded request" % (path, number))
                 requests.append(entry)
     except OSError as error:
@@ -4721,8 +4766,9 @@ def _with_ids(text, ids):
     return text
 
 
-def _replay_one(client, entry, ids, header):
-    """Send one recorded request; (what was sent, the differences, the answer)."""
+def _replay_one(client, entry, ids, header, run):
+    """Send one recorded request; (what was sent, the differences, the answer).
+    ``run`` tells this replay's idempotency keys from an earlier one's."""
     method, recorded = entry["method"], entry["response"]
     body = entry["request"].get("body")
     if entry["request"].get("encoding") == "base64":
@@ -4734,8 +4780,12 @@ def _replay_one(client, entry, ids, header):
     for name, value in entry["request"]["headers"].items():
         if name.lower() == header.lower():
             sent_key = True
+        elif name.lower() == "idempotency-key":
+            # The same key within this replay (a recorded retry replays as
+            # one), another than the last replay's (its tasks are gone).
+            headers[name] = value + "-" + run
         elif name.lower() not in _NOT_REPLAYED and value != _REDACTED:
-            headers[name] = value
+            headers[name] = value.encode("utf-8").decode("latin-1")  # the bytes as sent
     # A request sent without a key, or with a wrong one, is replayed so.
     key = (True if recorded["status"] != 401 else "genesy-replay-wrong-key") if sent_key \
         else None
@@ -4788,13 +4838,19 @@ def run_replay(path, url, key, header=None, timeout=10.0, insecure=False, out=No
     if header is None:
         header = _recorded_key_header(requests)
     client = _CheckClient(url, key, header, timeout, insecure)
-    ids, created, failed = {}, [], 0
+    ids, created, failed, run = {}, [], 0, secrets.token_hex(4)
     print("genesy-tasks replay of %s (%d requests) against %s" % (path, len(requests), url),
           file=out)
     try:
         for number, entry in enumerate(requests, 1):
             try:
-                what, differences, (status, parsed) = _replay_one(client, entry, ids, header)
+                what, differences, (status, parsed) = _replay_one(client, entry, ids, header,
+                                                                  run)
+            except ValueError as error:  # a header or body this client cannot send
+                failed += 1
+                print("FAIL  #%d %s %s: cannot send it: %s" % (
+                    number, entry["method"], entry["path"], error), file=out)
+                continue
             except (OSError, http.client.HTTPException) as error:
                 print("FAIL  #%d %s %s: cannot talk to %s: %s" % (
                     number, entry["method"], entry["path"], url, error), file=out)
@@ -4808,7 +4864,8 @@ def run_replay(path, url, key, header=None, timeout=10.0, insecure=False, out=No
                 try:
                     recorded_id = _decode_json(recorded.get("body") or "null")["id"]
                     ids[recorded_id] = parsed["id"]
-                    created.append(parsed["id"])
+                    if parsed["id"] not in created:  # a replayed retry: the same task
+                        created.append(parsed["id"])
                 except (ValueError, TypeError, KeyError):
                     pass  # not a create that succeeded on both sides
             if entry["method"] == "DELETE" and 200 <= status < 300:
@@ -4820,9 +4877,9 @@ def run_replay(path, url, key, header=None, timeout=10.0, insecure=False, out=No
             else:
                 print("PASS  #%d %s -> %d" % (number, what, status), file=out)
             out.flush()
+    finally:
         _clean_up(client, created, lambda task_id: "/tasks/" + quote(task_id, safe=""),
                   None, out, "the replay")
-    finally:
         client.close()
     print("%d requests: %d passed, %d failed" % (len(requests), len(requests) - failed, failed),
           file=out)
@@ -5169,7 +5226,7 @@ def main(argv=None):
         if new_file:
             _remove_database(args.db)
         return 2
-    served = False
+    served, tasks_app = False, None
     try:
         try:
             tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
@@ -5207,7 +5264,10 @@ def main(argv=None):
         _report(sys.stderr, "genesy-tasks: stopped\n")
         return 0
     finally:
-        store.close()
+        if tasks_app is not None:
+            tasks_app.close()  # the recording's last lines too, then the store
+        else:
+            store.close()
         if new_file and not served:  # a start that failed leaves nothing behind
             _remove_database(args.db)
 

@@ -2230,16 +2230,15 @@ def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
     assert json.loads(created["response"]["body"]) == task
     assert created["response"]["headers"]["Location"] == "/tasks/" + task["id"]
     assert ISO_UTC.match(created["time"]) and created["durationMs"] >= 0
-    first = kept[-1]["id"]
-    assert [entry["id"] for entry in kept] == [first + 4, first + 3, first + 2, first + 1, first]
-    assert first >= int(time.time() * 1000) - 60_000  # numbered from the start's time
+    ids = [entry["id"] for entry in kept]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5  # numbered as kept
+    assert ids[-1] >= (time.time() - 60) * 1_000_000  # from the clock: a restart follows on
     assert kept[1]["request"]["headers"]["X-Api-Key"] == "[redacted]"  # even a wrong key
     assert "X-Api-Key" not in kept[2]["request"]["headers"]
-    assert [entry["id"] for entry in _kept(client, limit=2)] == [first + 4, first + 3]
+    assert [entry["id"] for entry in _kept(client, limit=2)] == ids[:2]
     # With after, the ones right after it: a script paging forward misses none.
-    assert [entry["id"] for entry in _kept(client, after=first + 1)] == [
-        first + 4, first + 3, first + 2]
-    assert [entry["id"] for entry in _kept(client, after=first + 1, limit=1)] == [first + 2]
+    assert [entry["id"] for entry in _kept(client, after=ids[3])] == ids[:3]
+    assert [entry["id"] for entry in _kept(client, after=ids[3], limit=1)] == [ids[2]]
     assert_error(client.get("/requests?after=x", headers=HEADERS, status=400), 400)
     assert_error(client.get("/requests", status=401), 401)
     assert_error(client.get("/requests?limit=0", headers=HEADERS, status=400), 400)
@@ -2340,6 +2339,83 @@ def test_get_requests_over_http(tmp_path):
         running.stop()
 
 
+def test_an_app_that_cannot_start_leaves_no_recording_thread_behind(tmp_path):
+    before = threading.active_count()
+    for _ in range(5):
+        with pytest.raises(genesy_tasks.StorageError):
+            make_app(str(tmp_path / "missing" / "x.db"), record=str(tmp_path / "rec.jsonl"))
+    assert threading.active_count() == before
+
+
+def test_an_odd_content_length_never_fails_the_inspector(db_path):
+    application = make_app(db_path, api_keys=KEY)
+    answers = []
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/tasks", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+               "wsgi.input": io.BytesIO(b"{}"), "wsgi.errors": io.StringIO(),
+               "CONTENT_LENGTH": "\u00b2", "CONTENT_TYPE": "application/json"}
+    body = b"".join(application(environ, lambda status, headers, exc_info=None:
+                                answers.append(status)))
+    assert answers == ["401 Unauthorized"] and json.loads(body)["error"] == "Unauthorized"
+    application.close()
+
+
+def test_requests_kept_by_several_threads_are_numbered_in_the_order_kept(db_path):
+    application, client = _inspected_app(db_path, inspect=2000)
+
+    def knock():
+        for _ in range(200):
+            client.get("/health", headers=HEADERS)
+
+    threads = [threading.Thread(target=knock) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [entry["id"] for entry in application.inspector.kept]
+    assert len(ids) == 800 and ids == sorted(set(ids))
+    application.close()
+
+
+def test_a_write_that_timed_out_waiting_for_a_lock_is_kept_with_its_503(db_path):
+    store = TaskStore(db_path, busy_timeout=0.3)
+    application = make_app(store, api_keys=KEY)
+    with _server_thread(application) as server:
+        with _locked_by_another_process(db_path):
+            [(status, _, _)] = _pipelined(server.port, _request_bytes(
+                "POST", "/tasks", {"subject": "waits"}, headers={"Connection": "close"}))
+    assert status == 503
+    kept = application.inspector.requests(10)
+    assert [(entry["method"], entry["response"]["status"]) for entry in kept] == [
+        ("POST", 503)]
+    application.close()
+
+
+def test_the_recording_keeps_a_stranger_s_bodies_cut_and_paths_from_the_mount(db_path,
+                                                                             tmp_path):
+    record = tmp_path / "rec.jsonl"
+    api = make_app(db_path, api_keys=KEY, record=str(record))
+    client = webtest.TestApp(genesy_tasks.mount(bottle.Bottle(), "/genesy", api))
+    client.post("/genesy/contacts", b"x" * 100_000, status=404,
+                headers={"Content-Type": "application/json"})
+    client.post("/genesy/contacts", b"y" * 100_000, status=404,
+                headers={**HEADERS, "Content-Type": "application/json"})
+    api.close()
+    stranger, known = (json.loads(line) for line in record.read_text().splitlines())
+    assert len(stranger["request"]["body"]) == 64 * 1024 and stranger["request"]["truncated"]
+    assert len(known["request"]["body"]) == 100_000 and not known["request"]["truncated"]
+    assert stranger["path"] == known["path"] == "/contacts"  # replayable under any base URL
+
+
+def test_sigterm_writes_the_recording_to_its_last_request(tmp_path):
+    record = tmp_path / "rec.jsonl"
+    running = Server(tmp_path, "--record", str(record))
+    for n in range(30):
+        running.request("GET", "/tasks/task-%d" % n)
+    assert running.stop() == 0
+    assert len(record.read_text().splitlines()) == 30
+
+
 def _genesy_session(running):
     """What Genesy sends while connecting and working: the recording replay plays."""
     _, _, task = running.request("POST", "/tasks", {"subject": "Call", "contactId": "c-1"})
@@ -2382,7 +2458,8 @@ def test_a_recording_holds_each_request_and_answer_whole_with_the_key_redacted(r
     assert [(line["method"], line["response"]["status"]) for line in lines] == [
         ("POST", 201), ("POST", 201), ("GET", 200), ("PATCH", 200), ("POST", 200),
         ("PATCH", 200), ("GET", 401), ("POST", 404), ("DELETE", 204)]
-    assert [line["id"] - lines[0]["id"] for line in lines] == list(range(9))  # oldest first
+    ids = [line["id"] for line in lines]
+    assert ids == sorted(set(ids))  # oldest first, as kept
     assert all(line["request"]["headers"]["X-Api-Key"] == "[redacted]"
                for line in lines if line["response"]["status"] != 401)
     assert KEY not in recording.read_text()
@@ -2444,6 +2521,27 @@ def test_replay_finds_the_key_header_and_sends_bytes_that_are_not_utf_8(tmp_path
     assert status == 0, lines  # the 400 again: the same bytes, not a UTF-8 guess
 
 
+def test_replaying_twice_against_one_server_passes_twice(tmp_path):
+    record = tmp_path / "rec.jsonl"
+    application = make_app(str(tmp_path / "a.db"), api_keys=KEY, record=str(record))
+    client = webtest.TestApp(application)
+    for _ in range(2):  # Genesy retried the create
+        task = client.post_json("/tasks", {"subject": "Once"},
+                                headers={**HEADERS, "Idempotency-Key": "k-1"}).json
+    client.get("/tasks/" + task["id"], headers=HEADERS)
+    client.get("/tasks/" + task["id"], headers={**HEADERS, "X-Note": "\u65e5\u672c"
+                                                .encode("utf-8").decode("latin-1")})
+    application.close()
+    target = make_app(str(tmp_path / "b.db"), api_keys=KEY)
+    with _server_thread(target) as server:
+        for _ in range(2):
+            status, lines = _replay(record, "http://127.0.0.1:%d" % server.port, "--api-key", KEY)
+            assert status == 0, lines
+            assert "cleanup: deleted the 1 tasks the replay created" in lines
+    assert target.store.count() == 0
+    target.close()
+
+
 def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
@@ -2462,6 +2560,9 @@ def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
     assert _replay(bad, "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
     assert "bad.jsonl line 1 is not a recorded request" in capsys.readouterr().err
     assert _replay(tmp_path / "missing.jsonl", "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
+    bad.write_text(json.dumps({"method": "GET", "path": "/", "request": {"headers": []},
+                               "response": {"status": "200"}}) + "\n")
+    assert _replay(bad, "http://127.0.0.1:9", "--api-key", KEY)[0] == 2
 
 
 # -- the example database ----------------------------------------------------------------------
