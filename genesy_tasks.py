@@ -2463,7 +2463,7 @@ async function refresh() {
     failed(error, "Could not refresh");
     if (error instanceof Unauthorized) return;
   }
-  if (view === "tasks") timer = setTimeout(refresh, 3000);
+  if (view === "tasks") timer = setTimeout(refresh, 2000);
 }
 
 async function toggle(task, button) {

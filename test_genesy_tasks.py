@@ -3351,7 +3351,7 @@ def browser(tmp_path):
 
 
 def _eventually(check, timeout=15):
-    """Poll ``check`` until it returns something true; the page refreshes every 3 s."""
+    """Poll ``check`` until it returns something true; the page refreshes every 2 s."""
     from selenium.common.exceptions import StaleElementReferenceException
     deadline = time.monotonic() + timeout
     while True:
@@ -3527,7 +3527,8 @@ def test_more_stalled_clients_than_the_cap_delay_but_never_stop_good_ones(tmp_pa
         status, _, body = running.request("GET", "/health", conn=running.connect(timeout=30))
         assert (status, body) == (200, {"status": "ok"})
         assert 0.5 <= time.monotonic() - started < 15
-        answers = [_read_all(sock) for sock in stalled]
+        # (The 408's head is enough: the server lingers a while before closing.)
+        answers = [_read_all_until(sock, b"\r\n\r\n") for sock in stalled]
         assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers
         rss_after, threads_after, fds_after = running.status()
         assert threads_after == 2 and fds_after <= fds_before + 1
@@ -4294,7 +4295,7 @@ def test_no_response_carries_a_server_banner_and_all_carry_nosniff(tmp_path):
 
 # Bounded so the whole suite stays fast; derandomized so it is deterministic.
 # (Run with FUZZ_EXAMPLES=2000 for a longer hunt.)
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 250)), deadline=None,
                 derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
 _json_values = st.recursive(
@@ -4420,7 +4421,7 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
 
     failures = []
     for operation, mode in itertools.product(operations, list(schemathesis.GenerationMode)):
-        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 20)))
+        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 12)))
         @given(case=operation.as_strategy(generation_mode=mode))
         def call(case):
             # The positive-data check cannot know that a key already used with
@@ -4904,7 +4905,7 @@ def _as_environ(fields):
 
 
 # Bounded for CI like the fuzzing above (FUZZ_EXAMPLES runs both longer).
-HTTP_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)))
+HTTP_FUZZ = settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 120)))
 _FIELD_CHOICES = [
     b"Host: x", b"Host: 127.0.0.1:8080", b"Content-Type: application/json",
     b"X-API-Key: " + KEY.encode(), b"X_API_Key: " + KEY.encode(), b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue",
