@@ -3684,6 +3684,8 @@ class _RequestReader:
 ###############################################################################
 
 _LINGER_SECONDS = 2.0
+_LOG_WRITE = 4096      # PIPE_BUF on Linux, and the least POSIX allows
+_MAX_LOG_LINE = 1000   # characters of one log line (a long path is cut): < _LOG_WRITE bytes
 # The most asyncio reads from a socket at once.
 _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
@@ -3927,7 +3929,9 @@ class TaskServer:
                  max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                  keepalive_timeout=75.0, shutdown_timeout=10.0,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_buffered=DEFAULT_MAX_BUFFERED,
-                 ssl_context=None, log=None, commits=None):
+                 ssl_context=None, log=None, commits=None, sock=None, name=None):
+        """``sock``: a listening socket to serve instead of binding one (a
+        worker's, shared with the others); ``name`` tags its log lines."""
         self.app = app
         self.max_body = max_body
         self.request_timeout = request_timeout
@@ -3945,8 +3949,10 @@ class TaskServer:
         self._connections = set()
         self._opening = 0  # accepted, TLS handshake not finished yet
         self._stopping = False
-        self._socket = self._listen(host, port)
+        self._socket = self._listen(host, port) if sock is None else sock
+        self._socket.setblocking(False)
         self.host, self.port = host, self._socket.getsockname()[1]
+        self._name = "" if name is None else "[%s] " % name
         self._loop = asyncio.new_event_loop()
         self._slot_freed = None  # an asyncio.Event, made on the loop's thread
         self._accepting = None
@@ -4371,9 +4377,21 @@ class TaskServer:
 
     def _flush_log(self):
         lines, self._log_lines = self._log_lines, []
-        if lines:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime())
-            _report(self._log_stream, "".join(stamp + line + "\n" for line in lines))
+        if not lines:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + self._name
+        # In writes of whole lines, at most PIPE_BUF bytes each: the kernel
+        # writes those to a pipe in one piece, so lines of several workers
+        # sharing one stderr never mix within a line.
+        chunk, size = [], 0
+        for line in lines:
+            line = stamp + line[:_MAX_LOG_LINE] + "\n"
+            if chunk and size + len(line) > _LOG_WRITE:
+                _report(self._log_stream, "".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        _report(self._log_stream, "".join(chunk))
 
 
 ###############################################################################
@@ -5072,6 +5090,9 @@ _OPTIONS = _options(
             app=True),
     _Option("record", None, str, "append every request and its answer to this file, as "
             "JSON lines (the key redacted), for replay", app=True),
+    _Option("workers", 1, _whole_number,
+            "processes serving the port, each with its own event loop and connection; "
+            "0: one per CPU", app=False),
     _Option("max_connections", DEFAULT_MAX_CONNECTIONS, _positive_number,
             "most connections open at once; more wait in the listen queue", app=False),
     _Option("request_timeout", DEFAULT_REQUEST_TIMEOUT, _seconds,
@@ -5218,6 +5239,11 @@ def main(argv=None):
         return 2
     header = _env_default("GENESY_API_KEY_HEADER", DEFAULT_HEADER)
     api_keys = _parse_api_keys(os.environ.get("GENESY_API_KEY"))
+    workers = args.workers or os.cpu_count() or 1
+    if workers > 1 and not hasattr(os, "fork"):
+        print("genesy-tasks: --workers needs os.fork (Linux, macOS, BSD); run one worker "
+              "here", file=sys.stderr)
+        return 2
     new_file = not os.path.exists(args.db)
     try:
         store = TaskStore(args.db, busy_timeout=args.busy_timeout)
@@ -5240,16 +5266,28 @@ def main(argv=None):
             print("genesy-tasks: cannot use database %r: %s" % (args.db, error), file=sys.stderr)
             return 2
         try:
-            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
-                                request_timeout=args.request_timeout,
-                                max_connections=args.max_connections,
-                                ssl_context=tls,
-                                commits=CommitGroups(store, args.checkpoint_pages))
+            sock = TaskServer._listen(args.host, args.port)
         except OSError as error:
             print("genesy-tasks: cannot listen on %s:%s: %s"
                   % (args.host, args.port, error.strerror or error), file=sys.stderr)
             return 2
-        print("genesy-tasks %s serving %s (database %s)" % (__version__, server.url, args.db))
+        server = None
+        if workers == 1:
+            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
+                                request_timeout=args.request_timeout,
+                                max_connections=args.max_connections, ssl_context=tls,
+                                commits=CommitGroups(store, args.checkpoint_pages), sock=sock)
+            url = server.url
+        else:
+            # Each worker opens the database for itself: no SQLite connection
+            # (nor the recording's thread) may cross a fork.
+            tasks_app.close()
+            tasks_app = None
+            url = "%s://%s:%d" % ("https" if tls else "http",
+                                  "[%s]" % args.host if ":" in args.host else args.host,
+                                  sock.getsockname()[1])
+        print("genesy-tasks %s serving %s (database %s%s)"
+              % (__version__, url, args.db, ", %d workers" % workers if workers > 1 else ""))
         if generated_key is None:
             print("API key header: %s (key from GENESY_API_KEY, not shown)" % header)
         else:
@@ -5260,6 +5298,9 @@ def main(argv=None):
             print("Recording every request and its answer to %s" % args.record)
         sys.stdout.flush()
         served = True
+        if server is None:
+            return _supervise(workers, lambda number: _start_worker(
+                number, args, sock, tls, header, api_keys), args.request_timeout)
         server.serve_forever()
         _report(sys.stderr, "genesy-tasks: stopped\n")
         return 0
@@ -5270,6 +5311,100 @@ def main(argv=None):
             store.close()
         if new_file and not served:  # a start that failed leaves nothing behind
             _remove_database(args.db)
+
+
+def _supervise(count, start, request_timeout):
+    """Run ``count`` workers (``start(number)`` forks one, returns its pid) until
+    SIGTERM or SIGINT; replace any that exits meanwhile. Returns 0 once all
+    have stopped, each after finishing its requests in flight."""
+    stopping = []
+    # The handler only takes note: an exception raised from it could land in
+    # fork()'s own hooks, which swallow it, and the stop would be lost.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stopping.append(signum))
+    children = {}  # pid: (number, when it started)
+    for number in range(1, count + 1):
+        children[start(number)] = (number, time.monotonic())
+    while not stopping:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if not pid:
+            time.sleep(0.1)
+            continue
+        number, started = children.pop(pid, (None, 0))
+        if number is None or stopping:
+            continue
+        _report(sys.stderr, "genesy-tasks: worker %d (pid %d) %s; starting another\n"
+                % (number, pid, _exit_status(status)))
+        if time.monotonic() - started < 1:
+            time.sleep(1)  # one that cannot start is not tried in a busy loop
+        children[start(number)] = (number, time.monotonic())
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    # A worker drains for up to its shutdown timeout (10 s), and a request
+    # waiting for a lock for up to half of it.
+    deadline = time.monotonic() + 15 + request_timeout
+    while children and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.05)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _report(sys.stderr, "genesy-tasks: stopped\n")
+    return 0
+
+
+def _exit_status(status):
+    if os.WIFSIGNALED(status):
+        return "was killed by signal %d" % os.WTERMSIG(status)
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+def _start_worker(number, args, sock, tls, header, api_keys):
+    """Fork worker ``number``: its own store, app and event loop on ``sock``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        # The parent's handlers are not this process's: the server sets its own.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        store = TaskStore(args.db, busy_timeout=args.busy_timeout)
+        tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
+                             max_batch=args.max_batch, users=args.users,
+                             inspect=args.inspect, record=args.record)
+        try:
+            # One checkpointer for the file, not one per worker.
+            commits = CommitGroups(store, args.checkpoint_pages if number == 1 else 0)
+            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
+                                request_timeout=args.request_timeout,
+                                max_connections=args.max_connections, ssl_context=tls,
+                                commits=commits, sock=sock, name="w%d" % number)
+            threading.Thread(target=_stop_with_parent, args=(server, os.getppid()),
+                             name="genesy-tasks parent watch", daemon=True).start()
+            server.serve_forever()
+        finally:
+            tasks_app.close()
+        status = 0
+    except BaseException:
+        _report(sys.stderr, "genesy-tasks: worker %d failed:\n%s"
+                % (number, traceback.format_exc()))
+    finally:
+        os._exit(status)
+
+
+def _stop_with_parent(server, parent):
+    """A worker whose parent is gone (killed) stops as after SIGTERM, rather than
+    serve on, unsupervised, a port that a new start cannot take."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    server.shutdown()
 
 
 def _remove_database(path):

@@ -3502,6 +3502,145 @@ def test_the_dashboards_requests_view_shows_what_was_sent_as_text(server, browse
     assert problems == []
 
 
+# -- workers ---------------------------------------------------------------------------------
+
+def _workers_of(running):
+    """The pids of a server's workers (its child processes)."""
+    pid = running.process.pid
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
+        return sorted(int(child) for child in children.read().split())
+
+
+def _health_on_new_connections(running, count):
+    statuses = []
+    for _ in range(count):
+        conn = running.connect()
+        statuses.append(running.request("GET", "/health", conn=conn)[0])
+        conn.close()
+    return statuses
+
+
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[w[12]\] 127\.0\.0\.1 [A-Z]+ \S+ "
+                       r"\d{3} [\d.]+ms")
+
+
+def test_two_workers_share_the_port_and_each_logs_whole_lines(tmp_path):
+    running = Server(tmp_path, "--workers", "2")
+    try:
+        assert running.banner[0].rstrip().endswith("(database %s, 2 workers)" % running.db)
+        assert len(running.banner) == 2 and "not shown" in running.banner[1]  # printed once
+        _wait_for(lambda: len(_workers_of(running)) == 2)
+
+        def knock():  # many connections at once: both workers accept some
+            assert _health_on_new_connections(running, 60) == [200] * 60
+
+        threads = [threading.Thread(target=knock) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        # How we know that requests landed on both: each worker tags its log lines.
+        log = _wait_for(lambda: running.log().count(" GET /health ") == 240 and running.log())
+        lines = [line for line in log.splitlines() if " GET /health " in line]
+        assert all(_LOG_LINE.fullmatch(line) for line in lines), lines  # never mixed
+        assert {line.split()[1] for line in lines} == {"[w1]", "[w2]"}
+    finally:
+        assert running.stop() == 0
+    assert "genesy-tasks: stopped" in running.log()
+
+
+def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(tmp_path):
+    running = Server(tmp_path, "--workers", "2")
+    try:
+        first, second = _wait_for(lambda: len(_workers_of(running)) == 2 and _workers_of(running))
+        os.kill(first, signal.SIGKILL)
+        assert _health_on_new_connections(running, 20) == [200] * 20
+        # (Until the parent reaps it, the killed one is still its child.)
+        workers = _wait_for(lambda: first not in _workers_of(running)
+                            and len(_workers_of(running)) == 2 and _workers_of(running))
+        assert second in workers
+        assert re.search(r"genesy-tasks: worker \d \(pid %d\) was killed by signal 9; "
+                         r"starting another" % first, running.log())
+        assert _health_on_new_connections(running, 5) == [200] * 5
+    finally:
+        assert running.stop() == 0
+    assert _wait_for(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
+
+
+def test_sigterm_stops_every_worker_and_loses_nothing_acknowledged(tmp_path):
+    running = Server(tmp_path, "--workers", "2")
+    acknowledged, stop = [], threading.Event()
+
+    def client(number):
+        conn = running.connect()
+        try:
+            for n in range(2000):
+                if stop.is_set():
+                    break
+                status, _, task = running.request("POST", "/tasks",
+                                                  {"subject": "%d-%d" % (number, n)}, conn=conn)
+                if status != 201:
+                    break
+                acknowledged.append(task["id"])
+        except (OSError, http.client.HTTPException):
+            pass  # the server stopped under us: nothing unanswered counts
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    _wait_for(lambda: len(acknowledged) >= 200)
+    workers = _wait_for(lambda: len(_workers_of(running)) == 2 and _workers_of(running))
+    assert running.stop() == 0
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(os.path.exists("/proc/%d" % pid) for pid in workers)
+    with TaskStore(running.db) as store:
+        found = store.get_many(acknowledged)
+    assert len(found) == len(acknowledged)
+
+
+def test_an_idempotency_key_sent_to_two_workers_at_once_creates_one_task(tmp_path):
+    running = Server(tmp_path, "--workers", "2")
+    try:
+        results = {}
+
+        def send(key, barrier):
+            conn = running.connect()
+            barrier.wait(10)
+            status, headers, task = running.request(
+                "POST", "/tasks", {"subject": key},
+                headers={**HEADERS, "Idempotency-Key": key}, conn=conn)
+            conn.close()
+            results.setdefault(key, []).append((status, task["id"]))
+
+        for n in range(25):
+            barrier = threading.Barrier(2)
+            pair = [threading.Thread(target=send, args=("key-%d" % n, barrier))
+                    for _ in range(2)]
+            for thread in pair:
+                thread.start()
+            for thread in pair:
+                thread.join(timeout=20)
+        assert all(len({task_id for _, task_id in answers}) == 1
+                   and [status for status, _ in answers] == [201, 201]
+                   for answers in results.values()) and len(results) == 25
+        log = running.log()
+        assert "[w1]" in log and "[w2]" in log
+    finally:
+        assert running.stop() == 0
+    with TaskStore(running.db) as store:
+        assert store.count() == 25
+
+
+def test_workers_need_fork(monkeypatch, tmp_path, capsys):
+    monkeypatch.delattr(os, "fork")
+    assert genesy_tasks.main(["--workers", "2", "--db", str(tmp_path / "x.db")]) == 2
+    assert capsys.readouterr().err == ("genesy-tasks: --workers needs os.fork (Linux, macOS, "
+                                       "BSD); run one worker here\n")
+    assert not (tmp_path / "x.db").exists()
+
+
 # -- hardening: stalled clients, TLS, backups -------------------------------------------------------
 
 def _stalled_connection(server):
