@@ -57,6 +57,26 @@ math.randomseed(os.time())
 
 local function pick() return ids[math.random(#ids)] end
 
+-- Writes that really write: each wrk thread (two at most) cycles through its
+-- own half of tasks that were open, completing them on one pass through and
+-- reopening them on the next, so that no request finds its work done.
+local mine, pass, at = nil, 0, 0
+local threads_made = 0
+function setup(thread)
+  thread:set("tid", threads_made)
+  threads_made = threads_made + 1
+end
+
+local function next_open(room)
+  if mine == nil then
+    mine = {}
+    for i = (tid or 0) + 1, #open_ids, 2 do mine[#mine + 1] = open_ids[i] end
+  end
+  if at + room > #mine then at = 0; pass = pass + 1 end  -- a batch never spans two passes
+  at = at + 1
+  return mine[at], (pass %% 2 == 0 and "true" or "false")
+end
+
 local function mixed_ids(n)
   -- a realistic batch: mostly existing tasks, some missing (deleted in the CRM)
   local out = {}
@@ -104,9 +124,8 @@ end
 """,
     "PATCH /tasks/<id>": r"""
 request = function()
-  counter = counter + 1
-  return wrk.format("PATCH", "/tasks/" .. pick(), headers,
-    '{"description":"Updated by the benchmark ' .. counter .. '"}')
+  local id, completed = next_open(1)
+  return wrk.format("PATCH", "/tasks/" .. id, headers, '{"completed":' .. completed .. '}')
 end
 """,
     "POST /tasks/batch 100": r"""
@@ -120,13 +139,18 @@ for i = 1, 16 do bodies[i] = '{"ids":' .. mixed_ids(1000) .. '}' end
 request = rotating("POST", "/tasks/batch", bodies)
 """,
     "PATCH /tasks/batch 100": r"""
-local bodies = {}
-for i = 1, 32 do
-  -- alternate completing and reopening so that every batch really writes
-  bodies[i] = '{"ids":' .. mixed_ids(100) .. ',"completed":' ..
-    (i % 2 == 0 and "true" or "false") .. '}'
+request = function()
+  -- 80 of this thread's tasks, all completed or all reopened, and 20 missing ids
+  local out, completed = {}, nil
+  local first, state = next_open(80)
+  out[1], completed = '"' .. first .. '"', state
+  for i = 2, 100 do
+    if i % 5 == 0 then out[i] = '"task-missing-' .. math.random(1e9) .. '"'
+    else out[i] = '"' .. next_open(0) .. '"' end
+  end
+  return wrk.format("PATCH", "/tasks/batch", headers,
+    '{"ids":[' .. table.concat(out, ",") .. '],"completed":' .. completed .. '}')
 end
-request = rotating("PATCH", "/tasks/batch", bodies)
 """,
 }
 SINGLE_TASK_ENDPOINTS = ("GET /tasks/<id>", "POST /tasks", "PATCH /tasks/<id>")
@@ -189,8 +213,9 @@ def _sample_task(rng, n):
     }
 
 
-def sample_ids(path, count=ID_SAMPLE):
-    """Existing task ids spread over the whole table, in random order."""
+def sample_ids(path, count=ID_SAMPLE, open_only=False):
+    """Existing task ids spread over the whole table, in random order (with
+    ``open_only``, of tasks not completed)."""
     with contextlib.closing(_read_only(path)) as conn:
         top = conn.execute("SELECT max(seq) FROM genesy_tasks").fetchone()[0]
         rng = random.Random(42)
@@ -199,8 +224,9 @@ def sample_ids(path, count=ID_SAMPLE):
         for start in range(0, len(seqs), 500):
             chunk = seqs[start:start + 500]
             found += [row[0] for row in conn.execute(
-                "SELECT id FROM genesy_tasks WHERE seq IN (%s)" % ",".join("?" * len(chunk)),
-                chunk)]
+                "SELECT id FROM genesy_tasks WHERE seq IN (%s)%s" % (
+                    ",".join("?" * len(chunk)),
+                    " AND completed_at IS NULL" if open_only else ""), chunk)]
     rng.shuffle(found)
     return found
 
@@ -274,8 +300,9 @@ def run_wrk(port, script, connections, seconds):
     return result
 
 
-def write_scripts(directory, ids):
-    prelude = "ids = {%s}\n" % ",".join('"%s"' % i for i in ids)
+def write_scripts(directory, ids, open_ids=()):
+    prelude = "ids = {%s}\nopen_ids = {%s}\n" % (",".join('"%s"' % i for i in ids),
+                                                 ",".join('"%s"' % i for i in open_ids))
     paths = {}
     for name, body in LUA_ENDPOINTS.items():
         path = os.path.join(directory, name.replace(" ", "_").replace("/", "_")
@@ -401,7 +428,7 @@ def main(argv=None):
             shutil.copyfile(paths[size], db)
             genesy_tasks.TaskStore(db).close()  # an upgrade, if any, is not a start
             ids = sample_ids(db)
-            scripts = write_scripts(workdir, ids)
+            scripts = write_scripts(workdir, ids, sample_ids(db, open_only=True))
             # The in-process limit is measured three times around the server's
             # runs and the median kept: one measurement on a shared machine
             # moved by a third between runs.
@@ -444,6 +471,8 @@ def main(argv=None):
                     stalled.close()
                 server.stop()
             limits.append(in_process_batch_limit(db, ids, seconds))
+            if size == sizes[-1]:
+                results["workers"] = run_workers(paths[size], workdir, scripts, seconds, size)
             results["servers"][str(size)].update(
                 in_process_batch_1000_per_s=statistics.median(limits),
                 in_process_batch_1000_samples=limits)
@@ -460,6 +489,35 @@ def main(argv=None):
     with open(args.json, "w") as out:
         json.dump(results, out, indent=2)
     print("\nfigures written to %s" % os.path.relpath(args.json))
+
+
+def run_workers(seeded, workdir, scripts, seconds, size):
+    """Each endpoint at 8 and 64 connections against --workers 2, on a fresh copy."""
+    db = os.path.join(workdir, "workers-%d.db" % size)
+    shutil.copyfile(seeded, db)
+    genesy_tasks.TaskStore(db).close()
+    port = free_port()
+    server = Process([sys.executable, os.path.join(ROOT, "genesy_tasks.py"), "--db", db,
+                      "--port", str(port), "--workers", "2"],
+                     os.path.join(workdir, "workers-%d.log" % size),
+                     env=dict(os.environ, GENESY_API_KEY=KEY))
+    runs = []
+    try:
+        for endpoint in LUA_ENDPOINTS:
+            for connections in (8, 64):
+                result = run_wrk(port, scripts[endpoint], connections, seconds)
+                result.update(size=size, endpoint=endpoint, connections=connections, workers=2)
+                runs.append(result)
+                print("  %-7d %-24s c=%-3d %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms"
+                      "  errors %d  (--workers 2)"
+                      % (size, endpoint, connections, result["rps"], result["p50_us"] / 1000,
+                         result["p99_us"] / 1000, result["errors"]))
+    finally:
+        server.stop()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.remove(db + suffix)
+    return runs
 
 
 def compare(other_module, endpoints, rounds, seconds, size):
@@ -483,7 +541,7 @@ def compare(other_module, endpoints, rounds, seconds, size):
             servers[label] = Process(
                 [sys.executable, module, "--db", db, "--port", str(port)],
                 os.path.join(workdir, "%s.log" % label), env=dict(os.environ, GENESY_API_KEY=KEY))
-        scripts = write_scripts(workdir, sample_ids(seeded))
+        scripts = write_scripts(workdir, sample_ids(seeded), sample_ids(seeded, open_only=True))
         runs = {(label, name): [] for label in servers for name in endpoints}
         for round_ in range(rounds):
             for name in endpoints:
@@ -552,6 +610,25 @@ def report(results, sizes, levels):
     print("\nCeiling (bare Bottle route, wsgiref, single-threaded): " + ", ".join(
         "c=%s %.0f req/s" % (c, results["ceiling"][str(c)]["rps"]) for c in levels))
 
+    workers = results.get("workers") or []
+    if workers:
+        def with_two(endpoint, connections):
+            return next(r for r in workers
+                        if (r["endpoint"], r["connections"]) == (endpoint, connections))
+
+        print("\n## --workers 2 beside --workers 1, %s tasks (requests per second, ratio)\n"
+              % "{:,}".format(big))
+        print("| endpoint | c=8, 1 worker | c=8, 2 workers | c=64, 1 worker | "
+              "c=64, 2 workers | errors with 2 |")
+        print("|---|---|---|---|---|---|")
+        for endpoint in LUA_ENDPOINTS:
+            cells = []
+            for connections in (8, 64):
+                one, two = rps(big, endpoint, connections), with_two(endpoint, connections)
+                cells += ["%.0f" % one, "%.0f (%.2f)" % (two["rps"], two["rps"] / one)]
+            errors = sum(r["errors"] for r in workers if r["endpoint"] == endpoint)
+            print("| %s | %s | %d |" % (endpoint, " | ".join(cells), errors))
+
     print("\n## Targets\n")
     targets = []
 
@@ -581,6 +658,19 @@ def report(results, sizes, levels):
         target("%s at %s vs %s tasks, c=8" % (endpoint, "{:,}".format(big),
                                               "{:,}".format(small)),
                "%.2f x" % (a / b), ">= 0.85 x", a >= 0.85 * b)
+    if workers:
+        one = rps(big, "POST /tasks/batch 1000", 8)
+        two = with_two("POST /tasks/batch 1000", 8)["rps"]
+        target("POST /tasks/batch 1000 at c=8, --workers 2 vs 1", "%.2f x" % (two / one),
+               ">= 1.6 x", two >= 1.6 * one)
+        ratios = {(r["endpoint"], r["connections"]): r["rps"] / rps(big, r["endpoint"],
+                                                                      r["connections"])
+                  for r in workers}
+        slowest = min(ratios, key=ratios.get)
+        target("slowest endpoint with --workers 2 vs 1 (%s, c=%d)" % slowest,
+               "%.2f x" % ratios[slowest], ">= 1.0 x", ratios[slowest] >= 1.0)
+        errors = sum(r["errors"] for r in workers)
+        target("errors with --workers 2", str(errors), "0", errors == 0)
     if 64 in levels:
         for endpoint in LUA_ENDPOINTS:
             a, b = rps(big, endpoint, 64), rps(big, endpoint, 8)
