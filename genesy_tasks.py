@@ -13,7 +13,7 @@ command line, :func:`main`.
 Runtime dependencies: Bottle and the standard library.
 """
 
-__version__ = "1.4.0"
+__version__ = "1.5.0"
 
 import argparse
 import asyncio
