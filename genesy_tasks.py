@@ -2840,7 +2840,8 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                        {"name": "after", "in": "query", "required": False,
                         "description": "Only the requests right after this one (the oldest of "
                        "them first to go, newest first in the answer)",
-                        "schema": {"type": "integer", "minimum": 0}}],
+                        "schema": {"type": "integer", "minimum": 0,
+                                   "maximum": 10 ** 18 - 1}}],
         "responses": {"200": json_response("The requests", {
             "type": "object", "required": ["requests"], "additionalProperties": False,
             "properties": {"requests": {"type": "array", "items": {
