@@ -30,6 +30,10 @@ from urllib.parse import quote, urlencode
 import genesy_tasks
 from genesy_tasks import TaskStore, TaskValidationError, make_app
 
+# The servers the tests start compile the module once, not once each: a
+# machine that sets PYTHONDONTWRITEBYTECODE would pay for each start.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 KEY = "test-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
 HERE = os.path.dirname(os.path.abspath(__file__))
