@@ -1831,6 +1831,30 @@ def _unavailable_reason(error):
     return "storage error"
 
 
+def _write_lines(stream, lines):
+    """Write whole lines, in writes of at most PIPE_BUF bytes each: the kernel
+    writes those to a pipe in one piece, so the lines of several workers
+    sharing one stderr never mix within a line."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None  # a StringIO, say: no one else writes to it
+    if fd is None:
+        _report(stream, "".join(lines))
+        return
+    chunk = b""
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()  # what was written through it before goes first
+        for line in lines:
+            data = line.encode("utf-8", "replace")
+            if chunk and len(chunk) + len(data) > _LOG_WRITE:
+                os.write(fd, chunk)
+                chunk = b""
+            chunk += data
+        if chunk:
+            os.write(fd, chunk)
+
+
 def _report(stream, text):
     """Write to a log stream; a log on a full disk must not fail the request."""
     try:
@@ -3685,8 +3709,8 @@ class _RequestReader:
 ###############################################################################
 
 _LINGER_SECONDS = 2.0
-_LOG_WRITE = 4096      # PIPE_BUF on Linux, and the least POSIX allows
-_MAX_LOG_LINE = 1000   # characters of one log line (a long path is cut): < _LOG_WRITE bytes
+_LOG_WRITE = 4096      # bytes: PIPE_BUF on Linux, and the least POSIX allows
+_MAX_LOGGED_PATH = 500  # characters of a path in a log line; longer ones are cut
 # The most asyncio reads from a socket at once.
 _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
@@ -4256,6 +4280,8 @@ class TaskServer:
         path = environ["PATH_INFO"]
         if not path.isprintable():
             path = path.encode("unicode_escape").decode("ascii")  # no forged log lines
+        if len(path) > _MAX_LOGGED_PATH:  # the line keeps its status and duration
+            path = path[:_MAX_LOGGED_PATH] + "..."
         request = "%s %s %s" % (conn.peer, environ["REQUEST_METHOD"], path)
         elapsed = (time.perf_counter() - started) * 1000
         if self._group is None:
@@ -4381,18 +4407,7 @@ class TaskServer:
         if not lines:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + self._name
-        # In writes of whole lines, at most PIPE_BUF bytes each: the kernel
-        # writes those to a pipe in one piece, so lines of several workers
-        # sharing one stderr never mix within a line.
-        chunk, size = [], 0
-        for line in lines:
-            line = stamp + line[:_MAX_LOG_LINE] + "\n"
-            if chunk and size + len(line) > _LOG_WRITE:
-                _report(self._log_stream, "".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        _report(self._log_stream, "".join(chunk))
+        _write_lines(self._log_stream, [stamp + line + "\n" for line in lines])
 
 
 ###############################################################################
@@ -5095,7 +5110,8 @@ _OPTIONS = _options(
             "processes serving the port, each with its own event loop and connection; "
             "0: one per CPU", app=False),
     _Option("max_connections", DEFAULT_MAX_CONNECTIONS, _positive_number,
-            "most connections open at once; more wait in the listen queue", app=False),
+            "most connections open at once (per worker); more wait in the listen queue",
+            app=False),
     _Option("request_timeout", DEFAULT_REQUEST_TIMEOUT, _seconds,
             "seconds for a request's head and body to arrive, else 408", app=False),
     _Option("checkpoint_pages", WAL_CHECKPOINT_PAGES, _whole_number,
@@ -5300,8 +5316,10 @@ def main(argv=None):
         sys.stdout.flush()
         served = True
         if server is None:
+            # The workers take the key the parent settled on (and warned about).
+            keys = api_keys or [generated_key]
             return _supervise(workers, lambda number: _start_worker(
-                number, args, sock, tls, header, api_keys), args.request_timeout)
+                number, args, sock, tls, header, keys), args.request_timeout)
         server.serve_forever()
         _report(sys.stderr, "genesy-tasks: stopped\n")
         return 0
@@ -5314,31 +5332,54 @@ def main(argv=None):
             _remove_database(args.db)
 
 
+# A worker that exits within this many seconds of its start did not start: it
+# is tried again after a pause that doubles each time, up to the last figure;
+# when every worker has failed this many times in a row, the parent gives up.
+_WORKER_STARTED = 1.0
+_WORKER_RETRY = (0.5, 30.0)
+_WORKER_ATTEMPTS = 5
+
+
 def _supervise(count, start, request_timeout):
     """Run ``count`` workers (``start(number)`` forks one, returns its pid) until
     SIGTERM or SIGINT; replace any that exits meanwhile. Returns 0 once all
-    have stopped, each after finishing its requests in flight."""
+    have stopped, each after finishing its requests in flight, or 1 when no
+    worker could start."""
     stopping = []
     # The handler only takes note: an exception raised from it could land in
     # fork()'s own hooks, which swallow it, and the stop would be lost.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stopping.append(signum))
     children = {}  # pid: (number, when it started)
-    for number in range(1, count + 1):
-        children[start(number)] = (number, time.monotonic())
+    failures = dict.fromkeys(range(1, count + 1), 0)  # failed starts in a row
+    due = {number: 0.0 for number in failures}        # workers to start, and when
+    status = 0
     while not stopping:
-        pid, status = os.waitpid(-1, os.WNOHANG)
+        now = time.monotonic()
+        for number, when in list(due.items()):
+            if when <= now and not stopping:
+                del due[number]
+                children[start(number)] = (number, now)
+        pid, wait_status = os.waitpid(-1, os.WNOHANG)
         if not pid:
-            time.sleep(0.1)
+            time.sleep(0.05)
             continue
         number, started = children.pop(pid, (None, 0))
         if number is None or stopping:
             continue
-        _report(sys.stderr, "genesy-tasks: worker %d (pid %d) %s; starting another\n"
-                % (number, pid, _exit_status(status)))
-        if time.monotonic() - started < 1:
-            time.sleep(1)  # one that cannot start is not tried in a busy loop
-        children[start(number)] = (number, time.monotonic())
+        failed = time.monotonic() - started < _WORKER_STARTED
+        failures[number] = failures[number] + 1 if failed else 0
+        if min(failures.values()) >= _WORKER_ATTEMPTS:
+            _report(sys.stderr, "genesy-tasks: no worker could start, %d times each (see "
+                                "above); stopping\n" % _WORKER_ATTEMPTS)
+            status = 1
+            break
+        pause = (min(_WORKER_RETRY[0] * 2 ** (failures[number] - 1), _WORKER_RETRY[1])
+                 if failed else 0.0)
+        _report(sys.stderr, "genesy-tasks: worker %d (pid %d) %s; starting another%s\n"
+                % (number, pid, _exit_status(wait_status),
+                   " in %g s" % pause if pause else ""))
+        due[number] = time.monotonic() + pause
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -5355,7 +5396,7 @@ def _supervise(count, start, request_timeout):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _report(sys.stderr, "genesy-tasks: stopped\n")
-    return 0
+    return status
 
 
 def _exit_status(status):
@@ -5368,14 +5409,23 @@ def _start_worker(number, args, sock, tls, header, api_keys):
     """Fork worker ``number``: its own store, app and event loop on ``sock``."""
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    parent = os.getpid()
+    # Signals wait while the child takes the parent's handlers off: one that
+    # came in between would only be noted, in the parent's list, and lost.
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     if pid:
         return pid
     status = 1
     try:
-        # The parent's handlers are not this process's: the server sets its own.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         store = TaskStore(args.db, busy_timeout=args.busy_timeout)
         tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
                              max_batch=args.max_batch, users=args.users,
@@ -5387,7 +5437,7 @@ def _start_worker(number, args, sock, tls, header, api_keys):
                                 request_timeout=args.request_timeout,
                                 max_connections=args.max_connections, ssl_context=tls,
                                 commits=commits, sock=sock, name="w%d" % number)
-            threading.Thread(target=_stop_with_parent, args=(server, os.getppid()),
+            threading.Thread(target=_stop_with_parent, args=(server, parent),
                              name="genesy-tasks parent watch", daemon=True).start()
             server.serve_forever()
         finally:
@@ -5401,8 +5451,9 @@ def _start_worker(number, args, sock, tls, header, api_keys):
 
 
 def _stop_with_parent(server, parent):
-    """A worker whose parent is gone (killed) stops as after SIGTERM, rather than
-    serve on, unsupervised, a port that a new start cannot take."""
+    """A worker whose parent (``parent``, its pid before the fork) is gone
+    (killed) stops as after SIGTERM, rather than serve on, unsupervised, a
+    port that a new start cannot take."""
     while os.getppid() == parent:
         time.sleep(1)
     server.shutdown()

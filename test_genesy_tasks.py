@@ -3637,6 +3637,49 @@ def test_an_idempotency_key_sent_to_two_workers_at_once_creates_one_task(tmp_pat
         assert store.count() == 16
 
 
+def test_log_lines_go_out_whole_in_writes_a_pipe_takes_in_one_piece(monkeypatch):
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
+    read_end, write_end = os.pipe()
+    try:
+        stream = os.fdopen(write_end, "w", closefd=False)
+        lines = ["GET /%s %d\n" % ("\u00ff" * 400, n) for n in range(40)]  # 2 bytes a char
+        genesy_tasks._write_lines(stream, lines)
+    finally:
+        monkeypatch.setattr(os, "write", real_write)
+        os.close(read_end)
+        os.close(write_end)
+    assert b"".join(writes).decode("utf-8") == "".join(lines)
+    assert all(len(data) <= 4096 and data.endswith(b"\n") for data in writes)
+    assert len(writes) > 1
+
+
+def test_a_long_path_is_cut_in_the_log_and_the_line_keeps_its_status(tasks_app):
+    log = io.StringIO()
+    with _server_thread(tasks_app, log=log) as server:
+        [(status, _, _)] = _pipelined(server.port, _request_bytes(
+            "GET", "/" + "x" * 3000, headers={"Connection": "close"}))
+        assert status == 404
+        _wait_for(lambda: " 404 " in log.getvalue())
+    line = [line for line in log.getvalue().splitlines() if " 404 " in line][0]
+    assert re.search(r" GET /x{499}\.\.\. 404 [\d.]+ms$", line), line
+
+
+def test_workers_warn_once_about_a_key_others_can_read(tmp_path):
+    db = tmp_path / "crm.db"
+    sqlite3.connect(str(db)).close()
+    os.chmod(str(db), 0o644)
+    running = Server(tmp_path, "--workers", "2", env={}, db=str(db))
+    try:
+        _wait_for(lambda: len(_workers_of(running)) == 2)
+        assert running.request("GET", "/health", headers={
+            "X-API-Key": running.banner[2].split()[2]})[0] == 200
+    finally:
+        assert running.stop() == 0
+    assert running.log().count("other users can read the generated API key") == 1
+
+
 def test_workers_need_fork(monkeypatch, tmp_path, capsys):
     monkeypatch.delattr(os, "fork")
     assert genesy_tasks.main(["--workers", "2", "--db", str(tmp_path / "x.db")]) == 2
@@ -3721,7 +3764,8 @@ def _server_thread(app, **options):
     """A TaskServer serving ``app`` from a thread of this process, so tests can look inside."""
     if hasattr(app, "store"):  # the API's app: its writes commit in groups, as served
         options.setdefault("commits", genesy_tasks.CommitGroups(app.store))
-    server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, log=io.StringIO(), **options)
+    options.setdefault("log", io.StringIO())
+    server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
