@@ -5360,7 +5360,10 @@ def _supervise(count, start, request_timeout):
             if when <= now and not stopping:
                 del due[number]
                 children[start(number)] = (number, now)
-        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none running: all wait for their next try
+            pid = 0
         if not pid:
             time.sleep(0.05)
             continue
@@ -5387,7 +5390,10 @@ def _supervise(count, start, request_timeout):
     # waiting for a lock for up to half of it.
     deadline = time.monotonic() + 15 + request_timeout
     while children and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
         if pid:
             children.pop(pid, None)
         else:
@@ -5443,6 +5449,8 @@ def _start_worker(number, args, sock, tls, header, api_keys):
         finally:
             tasks_app.close()
         status = 0
+    except StorageError as error:  # the database went away, say: one line
+        _report(sys.stderr, "genesy-tasks: worker %d cannot start: %s\n" % (number, error))
     except BaseException:
         _report(sys.stderr, "genesy-tasks: worker %d failed:\n%s"
                 % (number, traceback.format_exc()))
