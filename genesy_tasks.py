@@ -1874,7 +1874,8 @@ def _task_not_found(task_id):
 # the number kept times these.
 _INSPECT_BODY = 64 * 1024      # the request's body
 _INSPECT_ANSWER = 4 * 1024     # the answer's body
-_INSPECT_HEADERS = 64 * 1024   # all of a request's or an answer's header names and values
+_INSPECT_HEADERS = 64 * 1024   # all of a request's header names and values (the app's
+                               # own answers carry a few)
 #: Requests that carry this header are the dashboard's own: not kept.
 DASHBOARD_HEADER = "X-Genesy-Dashboard"
 _REDACTED = "[redacted]"
@@ -2177,7 +2178,7 @@ def _inspected(environ, authorized):
     """Whether the inspector keeps this request: not the dashboard's, nor its own.
     (A request saying it is the dashboard's without the key is kept: no one
     hides from the inspector by saying so.)"""
-    if "HTTP_X_GENESY_DASHBOARD" in environ and authorized(environ):
+    if _environ_key(DASHBOARD_HEADER) in environ and authorized(environ):
         return False
     return not (environ.get("REQUEST_METHOD") in ("GET", "HEAD")
                 and environ.get("PATH_INFO", "") in ("", "/", "/requests"))
