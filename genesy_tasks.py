@@ -589,6 +589,11 @@ def _change(kind, task_id, task, at):
     return {"taskId": task_id, "change": kind, "task": task, "at": at}
 
 
+def _created(task):
+    """The change of a task's creation, with a copy of it: the caller keeps its own."""
+    return _change("create", task["id"], dict(task), task["createdAt"])
+
+
 class _Deliveries(threading.Thread):
     """Calls a store's subscribers with each commit's changes, in commit order.
 
@@ -750,10 +755,7 @@ class TaskStore:
                 # once, so it survives a crash of this process; only a power
                 # loss can take the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA busy_timeout = %d"
-                         % (self.busy_timeout * 1000 if waits else 0))
-            conn.execute("PRAGMA wal_autocheckpoint = %d"
-                         % (WAL_CHECKPOINT_PAGES if waits else 0))
+            self._set_waits(conn, waits)
         except BaseException:
             if conn is not None:
                 with self._connections_lock:
@@ -901,8 +903,12 @@ class TaskStore:
         self._local.waits = False
         conn = getattr(self._local, "connection", None)
         if conn is not None:
-            conn.execute("PRAGMA busy_timeout = 0")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._set_waits(conn, False)
+
+    def _set_waits(self, conn, waits):
+        """A connection that waits for locks and checkpoints in its commits, or not."""
+        conn.execute("PRAGMA busy_timeout = %d" % (self.busy_timeout * 1000 if waits else 0))
+        conn.execute("PRAGMA wal_autocheckpoint = %d" % (WAL_CHECKPOINT_PAGES if waits else 0))
 
     def start_commit_group(self):
         """Let this thread's writes share one transaction until finish_commit_group().
@@ -1112,7 +1118,7 @@ class TaskStore:
             self._check(task, None)
             conn.execute(_INSERT, row)
             if self._subscribers:
-                self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
+                self._changed([_created(task)])
         return task
 
     @_recovering
@@ -1147,7 +1153,7 @@ class TaskStore:
             conn.execute("DELETE FROM genesy_idempotency WHERE created_ms < ?",
                          (now_ms - IDEMPOTENCY_TTL * 1000,))
             if self._subscribers:
-                self._changed([_change("create", task["id"], dict(task), task["createdAt"])])
+                self._changed([_created(task)])
         return task, False
 
     @_recovering
@@ -1159,8 +1165,7 @@ class TaskStore:
                 self._check(task, None)
             conn.executemany(_INSERT, [row for _, row in new])
             if self._subscribers:
-                self._changed([_change("create", task["id"], task, task["createdAt"])
-                               for task, _ in new])
+                self._changed([_created(task) for task, _ in new])
         return [task["id"] for task, _ in new]
 
     def get(self, task_id):
@@ -2178,7 +2183,7 @@ def _inspected(environ, authorized):
     """Whether the inspector keeps this request: not the dashboard's, nor its own.
     (A request saying it is the dashboard's without the key is kept: no one
     hides from the inspector by saying so.)"""
-    if _environ_key(DASHBOARD_HEADER) in environ and authorized(environ):
+    if _DASHBOARD_ENVIRON in environ and authorized(environ):
         return False
     return not (environ.get("REQUEST_METHOD") in ("GET", "HEAD")
                 and environ.get("PATH_INFO", "") in ("", "/", "/requests"))
@@ -2326,6 +2331,9 @@ def _environ_key(header):
     if header.lower() in ("content-type", "content-length"):
         raise ValueError("the API key header cannot be %s" % header)
     return "HTTP_" + header.upper().replace("-", "_")
+
+
+_DASHBOARD_ENVIRON = _environ_key(DASHBOARD_HEADER)
 
 
 # The dashboard at GET /: one page, no build step, nothing fetched from
@@ -5081,6 +5089,12 @@ class _Option:
         except (argparse.ArgumentTypeError, ValueError) as error:
             raise ValueError("%s: %s" % (where, error)) from None
 
+    def from_environment(self):
+        """The value of its environment variable, else the default; ValueError
+        names the variable."""
+        text = os.environ.get(self.env, "").strip()
+        return self.from_text(text, self.env) if text else self.default
+
 
 def _options(*options):
     return {option.name: option for option in options}
@@ -5134,8 +5148,7 @@ def _environment_options(app_only=False):
     for option in _OPTIONS.values():
         if app_only and not option.app:
             continue  # the built-in server's: no business of gunicorn's
-        text = os.environ.get(option.env, "").strip()
-        values[option.name] = option.from_text(text, option.env) if text else option.default
+        values[option.name] = option.from_environment()
     return values
 
 
@@ -5230,12 +5243,10 @@ def _parse_arguments(argv):
             parser.error("%s does not apply to the %s command"
                          % (_OPTIONS[name].flag, args.command))
     for name in set(_OPTIONS) - given:
-        option = _OPTIONS[name]
-        text = os.environ.get(option.env, "").strip()
         if args.command is not None and name not in _COMMAND_OPTIONS[args.command]:
             continue  # a variable of the server's does not stop a command
         try:
-            setattr(args, name, option.from_text(text, option.env) if text else option.default)
+            setattr(args, name, _OPTIONS[name].from_environment())
         except ValueError as error:
             parser.error(str(error))
     return args
@@ -5273,9 +5284,7 @@ def main(argv=None):
     served, tasks_app = False, None
     try:
         try:
-            tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
-                                 max_batch=args.max_batch, users=args.users,
-                                 inspect=args.inspect, record=args.record)
+            tasks_app = _app_for(args, store, api_keys, header)
             generated_key = None if api_keys else store.generated_api_key()
         except ValueError as error:  # the key header's name, the recording file
             print("genesy-tasks: %s" % error, file=sys.stderr)
@@ -5291,10 +5300,7 @@ def main(argv=None):
             return 2
         server = None
         if workers == 1:
-            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
-                                request_timeout=args.request_timeout,
-                                max_connections=args.max_connections, ssl_context=tls,
-                                commits=CommitGroups(store, args.checkpoint_pages), sock=sock)
+            server = _server_for(args, tasks_app, tls, sock, args.checkpoint_pages)
             url = server.url
         else:
             # Each worker opens the database for itself: no SQLite connection
@@ -5341,6 +5347,22 @@ _WORKER_RETRY = (0.5, 30.0)
 _WORKER_ATTEMPTS = 5
 
 
+def _app_for(args, store, api_keys, header):
+    """The application as the command line configures it, on ``store``."""
+    return make_app(store, api_keys, header, max_body=args.max_body,
+                    max_batch=args.max_batch, users=args.users, inspect=args.inspect,
+                    record=args.record)
+
+
+def _server_for(args, tasks_app, tls, sock, checkpoint_pages, name=None):
+    """The built-in server as the command line configures it, on ``sock``."""
+    return TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
+                      request_timeout=args.request_timeout,
+                      max_connections=args.max_connections, ssl_context=tls,
+                      commits=CommitGroups(tasks_app.store, checkpoint_pages), sock=sock,
+                      name=name)
+
+
 def _supervise(count, start, request_timeout):
     """Run ``count`` workers (``start(number)`` forks one, returns its pid) until
     SIGTERM or SIGINT; replace any that exits meanwhile. Returns 0 once all
@@ -5361,10 +5383,7 @@ def _supervise(count, start, request_timeout):
             if when <= now and not stopping:
                 del due[number]
                 children[start(number)] = (number, now)
-        try:
-            pid, wait_status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:  # none running: all wait for their next try
-            pid = 0
+        pid, wait_status = _reap() or (0, 0)
         if not pid:
             time.sleep(0.05)
             continue
@@ -5391,10 +5410,10 @@ def _supervise(count, start, request_timeout):
     # waiting for a lock for up to half of it.
     deadline = time.monotonic() + 15 + request_timeout
     while children and time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+        reaped = _reap()
+        if reaped is None:
             break
+        pid, _ = reaped
         if pid:
             children.pop(pid, None)
         else:
@@ -5404,6 +5423,15 @@ def _supervise(count, start, request_timeout):
             os.kill(pid, signal.SIGKILL)
     _report(sys.stderr, "genesy-tasks: stopped\n")
     return status
+
+
+def _reap():
+    """(pid, wait status) of a worker that has ended, (0, 0) when none has, or
+    None when none is running (all wait for their next try)."""
+    try:
+        return os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return None
 
 
 def _exit_status(status):
@@ -5433,17 +5461,12 @@ def _start_worker(number, args, sock, tls, header, api_keys):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-        store = TaskStore(args.db, busy_timeout=args.busy_timeout)
-        tasks_app = make_app(store, api_keys, header, max_body=args.max_body,
-                             max_batch=args.max_batch, users=args.users,
-                             inspect=args.inspect, record=args.record)
+        tasks_app = _app_for(args, TaskStore(args.db, busy_timeout=args.busy_timeout),
+                             api_keys, header)
         try:
             # One checkpointer for the file, not one per worker.
-            commits = CommitGroups(store, args.checkpoint_pages if number == 1 else 0)
-            server = TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
-                                request_timeout=args.request_timeout,
-                                max_connections=args.max_connections, ssl_context=tls,
-                                commits=commits, sock=sock, name="w%d" % number)
+            server = _server_for(args, tasks_app, tls, sock,
+                                 args.checkpoint_pages if number == 1 else 0, "w%d" % number)
             threading.Thread(target=_stop_with_parent, args=(server, parent),
                              name="genesy-tasks parent watch", daemon=True).start()
             server.serve_forever()
