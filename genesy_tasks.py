@@ -86,22 +86,47 @@ DELETIONS_KEPT_DAYS = 7
 # Tasks: fields, validation, ids and timestamps ###############################
 ###############################################################################
 
-#: The fields of a task in Genesy's JSON shape, in the order they are returned.
-TASK_FIELDS = (
-    "id", "subject", "description", "type", "ownerId", "dueDate", "contactId",
-    "companyId", "completed", "completedAt", "createdAt", "updatedAt",
+class _Field(collections.namedtuple(
+        "_Field", "name column input filter schema shown")):
+    """One field of a task: see _FIELDS."""
+
+
+# A task's fields, in the order Genesy's JSON gives them. Everything about a
+# field is derived from its row here: the table's column and its index, the
+# insert, the JSON SQLite builds, validation, the list filters and their query
+# parameters, the OpenAPI schemas and the dashboard's columns. Adding a field
+# is one row here and a migration (docs/how-it-works.md, "Adding a field").
+#   name, column: the JSON name and the column of genesy_tasks (None: derived)
+#   input: what a client may send: "required" or "text" (a string or null;
+#       both on create and update), "date" (text that is an ISO 8601 date or
+#       date-time), "flag" (true or false, updates only), None (read-only)
+#   filter: "exact" (GET /tasks?name=... matches exactly), "indexed" (the same,
+#       with an index), None
+#   schema: the OpenAPI type of its value; "?" means it may be null (else the
+#       column is NOT NULL; every column is TEXT)
+#   shown: a column of the dashboard's table
+_FIELDS = (
+    #      name           column          input       filter     schema        shown
+    _Field("id",          "id",           None,       None,      "string",     False),
+    _Field("subject",     "subject",      "required", None,      "string",     False),
+    _Field("description", "description",  "text",     None,      "string?",    False),
+    _Field("type",        "type",         "text",     "exact",   "string?",    True),
+    _Field("ownerId",     "owner_id",     "text",     "indexed", "string?",    True),
+    _Field("dueDate",     "due_date",     "date",     None,      "string?",    True),
+    _Field("contactId",   "contact_id",   "text",     "indexed", "string?",    True),
+    _Field("companyId",   "company_id",   "text",     "indexed", "string?",    True),
+    _Field("completed",   None,           "flag",     None,      "boolean",    False),
+    _Field("completedAt", "completed_at", None,       None,      "date-time?", True),
+    _Field("createdAt",   "created_at",   None,       None,      "date-time",  True),
+    _Field("updatedAt",   "updated_at",   None,       None,      "date-time",  False),
 )
-#: The fields a client may set, with their column names.
-WRITABLE_FIELDS = {
-    "subject": "subject",
-    "description": "description",
-    "type": "type",
-    "ownerId": "owner_id",
-    "dueDate": "due_date",
-    "contactId": "contact_id",
-    "companyId": "company_id",
-}
-_OPTIONAL_FIELDS = tuple(name for name in WRITABLE_FIELDS if name != "subject")
+#: A task's keys in Genesy's JSON shape, in the order they are returned.
+TASK_FIELDS = tuple(field.name for field in _FIELDS)
+# The fields a create takes (any other key is ignored), and those an update may change.
+_CREATE_FIELDS = tuple(field for field in _FIELDS if field.input in ("required", "text", "date"))
+_UPDATE_FIELDS = tuple(field for field in _FIELDS if field.input is not None)
+# GET /tasks's exact-match filters: query parameter, TaskStore.list argument (the column).
+_FILTERS = {field.name: field.column for field in _FIELDS if field.filter}
 
 
 class TaskValidationError(ValueError):
@@ -151,7 +176,7 @@ def _parse_iso8601(value):
         return datetime.min if sign == "+" else datetime.max
 
 
-def is_iso8601(value):
+def _is_iso8601(value):
     """True if ``value`` is an ISO 8601 calendar date or date-time that exists."""
     return _parse_iso8601(value) is not None
 
@@ -163,7 +188,7 @@ def _utc_text(instant):
         instant.second, instant.microsecond // 1000)
 
 
-def utc_instant(value):
+def _utc_instant(value):
     """An ISO 8601 date or date-time as UTC text that sorts in time order.
 
     ``2024-01-15T11:00:00+01:00`` and ``20240115T1000Z`` both give
@@ -183,7 +208,7 @@ _NOT_BLANK = ("[^\\t\\n\\x0b\\x0c\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a
 _has_text = re.compile(_NOT_BLANK).search
 
 
-def _check_text(name, value, required=False):
+def _check_text(name, value, required=False, date=False):
     if isinstance(value, str):
         if required and not _has_text(value):
             raise TaskValidationError("%s must not be blank" % name)
@@ -192,10 +217,10 @@ def _check_text(name, value, required=False):
         except UnicodeEncodeError:
             # A lone surrogate (JSON allows "\ud800") cannot be stored as UTF-8.
             raise TaskValidationError("%s must be valid Unicode text" % name) from None
-        if name == "dueDate" and not is_iso8601(value):
+        if date and not _is_iso8601(value):
             raise TaskValidationError(
-                "dueDate must be an ISO 8601 date or date-time, "
-                "such as 2024-01-15 or 2024-01-15T10:00:00Z")
+                "%s must be an ISO 8601 date or date-time, "
+                "such as 2024-01-15 or 2024-01-15T10:00:00Z" % name)
         return value
     if value is None and not required:
         return None
@@ -204,45 +229,44 @@ def _check_text(name, value, required=False):
     raise TaskValidationError("%s must be a string or null" % name)
 
 
+def _check_field(field, value):
+    """``value`` for ``field``, checked by the field's input (see _FIELDS)."""
+    if field.input == "flag":
+        return _check_flag(field.name, value)
+    return _check_text(field.name, value, required=field.input == "required",
+                       date=field.input == "date")
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TaskValidationError("%s must be true or false" % name)
+    return value
+
+
 def _check_object(fields, what):
     if not isinstance(fields, dict):
         raise TaskValidationError("the %s must be a JSON object" % what)
 
 
-def validate_new_task(fields):
-    """The seven create fields of ``fields``, checked; anything else is ignored."""
+def _validate_new_task(fields):
+    """The create fields of ``fields``, checked; anything else is ignored."""
     _check_object(fields, "task")
-    task = {"subject": _check_text("subject", fields.get("subject"), required=True)}
-    for name in _OPTIONAL_FIELDS:
-        task[name] = _check_text(name, fields.get(name))
-    return task
+    return {field.name: _check_field(field, fields.get(field.name)) for field in _CREATE_FIELDS}
 
 
-def validate_task_changes(fields):
+def _validate_task_changes(fields):
     """The known fields of a partial update, checked. At least one must be present."""
     _check_object(fields, "update")
-    changes = {}
-    if "subject" in fields:
-        changes["subject"] = _check_text("subject", fields["subject"], required=True)
-    for name in _OPTIONAL_FIELDS:
-        if name in fields:
-            changes[name] = _check_text(name, fields[name])
-    if "completed" in fields:
-        changes["completed"] = validate_completed(fields["completed"])
+    changes = {field.name: _check_field(field, fields[field.name])
+               for field in _UPDATE_FIELDS if field.name in fields}
     if not changes:
         raise TaskValidationError(
-            "no known field to update; send one or more of: %s, completed"
-            % ", ".join(WRITABLE_FIELDS))
+            "no known field to update; send one or more of: %s"
+            % ", ".join(field.name for field in _UPDATE_FIELDS))
     return changes
 
 
-def validate_completed(value):
-    if not isinstance(value, bool):
-        raise TaskValidationError("completed must be true or false")
-    return value
-
-
-def validate_ids(ids):
+def _validate_ids(ids):
     """``ids`` as a list of strings, or a TaskValidationError naming the bad entry."""
     if not isinstance(ids, list):
         raise TaskValidationError("ids is required and must be an array of strings")
@@ -259,7 +283,7 @@ def _now():
     return ms, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
 
 
-def new_task_id(ms):
+def _new_task_id(ms):
     """A URL-safe id: 'task-', the creation time in hex, then 80 random bits.
 
     Time first keeps new ids at the right-hand end of the id index, so inserts
@@ -278,26 +302,29 @@ class StorageError(Exception):
 
 # seq is AUTOINCREMENT so that a position is never given twice: a cursor
 # (a seq) must not come to stand for a task created after it was handed out.
+_STORED = tuple(field for field in _FIELDS if field.column)
+
+
+def _column_definition(field):
+    return "%-12s TEXT%s%s" % (field.column, "" if field.schema.endswith("?") else " NOT NULL",
+                               " UNIQUE" if field.name == "id" else "")
+
+
+def _index_name(field):
+    # The first indexes were named after the column without its "_id".
+    return "genesy_tasks_" + re.sub("_id$", "", field.column)
+
+
 _SCHEMA = """
 CREATE TABLE genesy_tasks (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    id           TEXT NOT NULL UNIQUE,
-    subject      TEXT NOT NULL,
-    description  TEXT,
-    type         TEXT,
-    owner_id     TEXT,
-    due_date     TEXT,
-    contact_id   TEXT,
-    company_id   TEXT,
-    completed_at TEXT,
-    created_at   TEXT NOT NULL,
-    updated_at   TEXT NOT NULL,
-    due_utc      TEXT  -- dueDate as UTC text that sorts in time order (utc_instant)
+    %s,
+    due_utc      TEXT  -- dueDate as UTC text that sorts in time order (_utc_instant)
 );
-CREATE INDEX genesy_tasks_owner ON genesy_tasks (owner_id);
-CREATE INDEX genesy_tasks_contact ON genesy_tasks (contact_id);
-CREATE INDEX genesy_tasks_company ON genesy_tasks (company_id);
-"""
+%s
+""" % (",\n    ".join(_column_definition(field) for field in _STORED),
+       "\n".join("CREATE INDEX %s ON genesy_tasks (%s);" % (_index_name(field), field.column)
+                 for field in _FIELDS if field.filter == "indexed"))
 # Idempotency-Key of POST /tasks: what was asked (a fingerprint of the body)
 # and what was answered, so that a retry gets the same answer.
 _IDEMPOTENCY_SCHEMA = """
@@ -322,8 +349,7 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 _CHANGE_AT_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _CHANGES_CUTOFF = ("strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
                    % DELETIONS_KEPT_DAYS)
-_CONTRACT_COLUMNS = ("id, subject, description, type, owner_id, due_date, contact_id, "
-                     "company_id, completed_at, created_at, updated_at")
+_CONTRACT_COLUMNS = ", ".join(field.column for field in _STORED)
 _CHANGES_TABLE = [
     """CREATE TABLE genesy_changes (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- the feed's order, never reused
@@ -421,32 +447,23 @@ _MIGRATIONS = {
        + _CHANGES_TRIGGERS,
 }
 
-# The column of each field in TASK_FIELDS order; "completed" is derived from
-# completed_at.
-_FIELD_COLUMNS = (
-    ("id", "id"), ("subject", "subject"), ("description", "description"), ("type", "type"),
-    ("ownerId", "owner_id"), ("dueDate", "due_date"), ("contactId", "contact_id"),
-    ("companyId", "company_id"), ("completed", None), ("completedAt", "completed_at"),
-    ("createdAt", "created_at"), ("updatedAt", "updated_at"),
-)
-_COLUMNS = ", ".join(column or "NULL" for _, column in _FIELD_COLUMNS)
+# A task's columns in TASK_FIELDS order, for _task(); "completed" is derived
+# from completed_at.
+_COLUMNS = ", ".join(field.column or "NULL" for field in _FIELDS)
+_COMPLETED_AT = TASK_FIELDS.index("completedAt")
 # A task as Genesy's JSON text, made by SQLite: reads send it as it comes, with
-# no Python dict and no json.dumps per task (a 1,000-id batch takes 38% less
-# time, one task about 4 µs less), and TaskStore's dicts are decoded from
-# it, so the API and the routes cannot disagree on a task's shape.
+# no Python dict and no json.dumps per task, and TaskStore's dicts are decoded
+# from it, so the API and the routes cannot disagree on a task's shape.
 _TASK_JSON = "json_object(%s)" % ", ".join(
-    "'%s', %s" % (field, column or
+    "'%s', %s" % (field.name, field.column or
                   "json(CASE WHEN completed_at IS NULL THEN 'false' ELSE 'true' END)")
-    for field, column in _FIELD_COLUMNS)
+    for field in _FIELDS)
 _SELECT_ONE = "SELECT %s FROM genesy_tasks WHERE id = ?" % _TASK_JSON
 # One statement for any number of ids: no bound-parameter limit, one cached plan.
 _SELECT_MANY = ("SELECT id, %s FROM genesy_tasks WHERE id IN (SELECT value FROM json_each(?))"
                 % _TASK_JSON)
-_INSERT = (
-    "INSERT INTO genesy_tasks (id, subject, description, type, owner_id, due_date, "
-    "contact_id, company_id, completed_at, created_at, updated_at, due_utc) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)"
-)
+_INSERT = "INSERT INTO genesy_tasks (%s, due_utc) VALUES (%s?)" % (
+    _CONTRACT_COLUMNS, "?, " * len(_STORED))
 # An update reads the row first, with its rowid (seq), and then updates by
 # rowid: no second id lookup, and only columns that change, so untouched
 # indexes stay untouched.
@@ -459,7 +476,10 @@ _SET_COMPLETED_MANY = (
 )
 _SELECT_TO_COMPLETE = ("SELECT %s FROM genesy_tasks WHERE id IN (SELECT value FROM "
                        "json_each(?)) AND completed_at IS %%s NULL" % _COLUMNS)
-_UPDATABLE_COLUMNS = dict(WRITABLE_FIELDS, completedAt="completed_at")
+# The columns an update may change: a writable field's, and completed_at,
+# which "completed" sets.
+_UPDATABLE_COLUMNS = dict({field.name: field.column for field in _UPDATE_FIELDS if field.column},
+                          completedAt="completed_at")
 # One page of the change feed, and whether the cursor is one the feed can
 # still serve (a row with seq -1 when it is not), in one statement: one
 # snapshot. A cursor is refused when it is older than a deletion forgotten
@@ -483,7 +503,7 @@ def _utc_instant_or_null(value):
 def _task(row):
     """The task of a row of _COLUMNS."""
     task = dict(zip(TASK_FIELDS, row))
-    task["completed"] = row[9] is not None
+    task["completed"] = row[_COMPLETED_AT] is not None
     return task
 
 
@@ -898,7 +918,7 @@ class TaskStore:
         another connection's lock raises an error for which _is_lock_wait() is
         true instead of waiting up to the busy timeout (the caller retries it),
         and commits no longer run checkpoints, whose syncs take milliseconds
-        (CommitGroups runs them on a thread of their own).
+        (_CommitGroups runs them on a thread of their own).
         """
         self._local.waits = False
         conn = getattr(self._local, "connection", None)
@@ -1102,13 +1122,13 @@ class TaskStore:
     @staticmethod
     def _new_task(fields):
         """The whole new task for ``fields``, and its row for _INSERT."""
-        task = validate_new_task(fields)
         ms, now = _now()
-        task_id = new_task_id(ms)
-        row = ((task_id,) + tuple(task.values())
-               + (now, now, _utc_instant_or_null(task["dueDate"])))
-        return {"id": task_id, **task, "completed": False, "completedAt": None,
-                "createdAt": now, "updatedAt": now}, row
+        task = {"id": _new_task_id(ms), **_validate_new_task(fields), "completed": False,
+                "completedAt": None, "createdAt": now, "updatedAt": now}
+        task = {name: task.get(name) for name in TASK_FIELDS}
+        row = tuple(task[field.name] for field in _STORED) + (
+            _utc_instant_or_null(task["dueDate"]),)
+        return task, row
 
     @_recovering
     def create(self, fields):
@@ -1188,7 +1208,7 @@ class TaskStore:
         ``completed: true`` sets completedAt unless the task is already
         completed (the first completedAt is kept); ``completed: false`` reopens.
         """
-        changes = validate_task_changes(fields)
+        changes = _validate_task_changes(fields)
         if not isinstance(task_id, str):
             return None
         with self._write(one_statement=True) as conn:
@@ -1243,12 +1263,12 @@ class TaskStore:
         return json.loads(self.list_json(**filters))
 
     @_recovering
-    def list_json(self, *, owner_id=None, contact_id=None, company_id=None, type=None,
-                  completed=None, due_before=None, due_after=None, order="newest",
-                  limit=DEFAULT_LIST_LIMIT, cursor=None):
+    def list_json(self, *, completed=None, due_before=None, due_after=None, order="newest",
+                  limit=DEFAULT_LIST_LIMIT, cursor=None, **equal):
         """One page of tasks as JSON: ``{"tasks": [...], "nextCursor": str or null}``.
 
-        Text filters match exactly; ``completed`` is True, False or None (both);
+        ``owner_id``, ``contact_id``, ``company_id`` and ``type`` (the columns
+        of the fields that filter, see _FIELDS) match exactly; ``completed`` is True, False or None (both);
         ``due_before`` (exclusive) and ``due_after`` (inclusive) are ISO 8601 and
         compare instants, leaving out tasks without a dueDate. ``order`` is
         "newest" (creation, newest first) or "oldest". Pass the returned
@@ -1259,15 +1279,16 @@ class TaskStore:
             raise TaskValidationError("order must be newest or oldest")
         _check_limit(limit)
         where, params = [], []
-        for name, column, value in (("ownerId", "owner_id", owner_id),
-                                    ("contactId", "contact_id", contact_id),
-                                    ("companyId", "company_id", company_id),
-                                    ("type", "type", type)):
+        unknown = set(equal) - set(_FILTERS.values())
+        if unknown:
+            raise TypeError("list_json() got an unexpected keyword argument %r" % unknown.pop())
+        for name, column in _FILTERS.items():
+            value = equal.get(column)
             if value is not None:
                 where.append(column + " = ?")
                 params.append(_check_text(name, value))
         if completed is not None:
-            validate_completed(completed)
+            _check_flag("completed", completed)
             where.append("completed_at IS NOT NULL" if completed else "completed_at IS NULL")
         for name, condition, value in (("dueBefore", "due_utc < ?", due_before),
                                        ("dueAfter", "due_utc >= ?", due_after)):
@@ -1335,7 +1356,7 @@ class TaskStore:
     @_recovering
     def get_many_json(self, ids):
         """get_many() as a JSON array (UTF-8 bytes)."""
-        validate_ids(ids)
+        _validate_ids(ids)
         if not ids:
             return b"[]"
         found = dict(self._connection().execute(_SELECT_MANY, (json.dumps(ids),)))
@@ -1348,8 +1369,8 @@ class TaskStore:
     @_recovering
     def set_completed_many_json(self, ids, completed):
         """set_completed_many() answering with a JSON array (UTF-8 bytes)."""
-        validate_ids(ids)
-        validate_completed(completed)
+        _validate_ids(ids)
+        _check_flag("completed", completed)
         if not ids:
             return b"[]"
         _, now = _now()
@@ -1438,10 +1459,10 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
 
 #: Set by TaskServer in a request's environ when it can run the request again
 #: later if it meets another connection's write lock (its value: until when,
-#: on time.monotonic()). The application then sets MET_LOCK_KEY beside its
+#: on time.monotonic()). The application then sets _MET_LOCK_KEY beside its
 #: 503, and the server retries instead of sending it.
-RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
-MET_LOCK_KEY = "genesy_tasks.met_lock"
+_RETRY_ON_LOCK_KEY = "genesy_tasks.retry_on_lock"
+_MET_LOCK_KEY = "genesy_tasks.met_lock"
 _WILL_RETRY_KEY = "genesy_tasks.will_retry"
 
 
@@ -1449,15 +1470,15 @@ def _will_retry(environ):
     """Whether the server runs this request again rather than send its answer:
     decided once, so that the server and the inspector agree."""
     if _WILL_RETRY_KEY not in environ:
-        environ[_WILL_RETRY_KEY] = (bool(environ.get(MET_LOCK_KEY))
-                                    and time.monotonic() < environ.get(RETRY_ON_LOCK_KEY, 0))
+        environ[_WILL_RETRY_KEY] = (bool(environ.get(_MET_LOCK_KEY))
+                                    and time.monotonic() < environ.get(_RETRY_ON_LOCK_KEY, 0))
     return environ[_WILL_RETRY_KEY]
 # Set by the app on an answer that rests on nothing its commit group wrote: a
 # health check, a request refused for its own content (a validator, a CRM's
 # constraint). It stands even if the group is lost (a trigger's
 # RAISE(ROLLBACK) loses it): a refusal replaced by a 503 would be retried for
 # ever.
-INDEPENDENT_KEY = "genesy_tasks.independent"
+_INDEPENDENT_KEY = "genesy_tasks.independent"
 # How often the checkpointer looks at the WAL's length.
 _CHECKPOINT_INTERVAL = 0.05
 # PASSIVE checkpoints run until at most this many pages are left for the
@@ -1471,7 +1492,7 @@ _CHECKPOINT_LOCK_WAIT_MS = 50
 _WAL_WARNING_FACTOR = 4
 
 
-class CommitGroups:
+class _CommitGroups:
     """What TaskServer needs to serve a TaskStore: ``TaskServer(app, commits=...)``.
 
     - ``open(log)`` and ``close()``, around serving, on the server's thread:
@@ -1691,7 +1712,7 @@ def _json_bytes(value):
     return _encode_json(value).encode("utf-8")
 
 
-class RequestError(Exception):
+class _RequestError(Exception):
     """A request the API refuses: the status, a short title and a message naming the cause."""
 
     def __init__(self, status, title, message, headers=None):
@@ -1700,13 +1721,13 @@ class RequestError(Exception):
         self.headers = headers or {}
 
 
-def error_body(title, message):
+def _error_body(title, message):
     """An error body in the shape Genesy documents."""
     return _json_bytes({"error": title, "message": message})
 
 
 def _error_response(status, title, message, headers=None):
-    response = bottle.HTTPResponse(error_body(title, message), status, headers)
+    response = bottle.HTTPResponse(_error_body(title, message), status, headers)
     response.content_type = "application/json"
     response.set_header("X-Content-Type-Options", "nosniff")
     return response
@@ -1716,7 +1737,7 @@ def _read_json(environ, max_body):
     """The request's JSON body, refusing what is not declared as JSON or is too large."""
     media_type = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     if media_type not in _JSON_MEDIA_TYPES and not media_type.endswith("+json"):
-        raise RequestError(415, "Unsupported media type",
+        raise _RequestError(415, "Unsupported media type",
                            "the request body must be JSON, sent with "
                            "Content-Type: application/json")
     length = environ.get("CONTENT_LENGTH")
@@ -1724,7 +1745,7 @@ def _read_json(environ, max_body):
         try:
             length = int(length)
         except ValueError:
-            raise RequestError(400, "Bad request", "Content-Length is not a number") from None
+            raise _RequestError(400, "Bad request", "Content-Length is not a number") from None
         if length > max_body:
             raise _body_too_large(max_body)
         body = environ["wsgi.input"].read(length)
@@ -1737,33 +1758,30 @@ def _read_json(environ, max_body):
     try:
         return _decode_json(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise RequestError(400, "Invalid JSON", "the request body is not UTF-8") from None
+        raise _RequestError(400, "Invalid JSON", "the request body is not UTF-8") from None
     except (ValueError, RecursionError) as error:
-        raise RequestError(400, "Invalid JSON",
+        raise _RequestError(400, "Invalid JSON",
                            "the request body is not valid JSON: %s" % error) from None
 
 
 def _body_too_large(max_body):
-    return RequestError(413, "Payload too large",
+    return _RequestError(413, "Payload too large",
                         "the request body is larger than %d bytes" % max_body)
 
 
 def _batch_ids(body, max_batch):
     if not isinstance(body, dict):
         raise TaskValidationError("the request body must be a JSON object with an ids array")
-    ids = validate_ids(body.get("ids"))
+    ids = _validate_ids(body.get("ids"))
     if len(ids) > max_batch:
-        raise RequestError(413, "Batch too large",
+        raise _RequestError(413, "Batch too large",
                            "ids has %d entries; the maximum is %d" % (len(ids), max_batch))
     return ids
 
 
 # GET /tasks query parameters and the TaskStore.list arguments they become.
-_LIST_PARAMETERS = {
-    "ownerId": "owner_id", "contactId": "contact_id", "companyId": "company_id",
-    "type": "type", "completed": "completed", "dueBefore": "due_before",
-    "dueAfter": "due_after", "order": "order", "limit": "limit", "cursor": "cursor",
-}
+_LIST_PARAMETERS = dict(_FILTERS, completed="completed", dueBefore="due_before",
+                        dueAfter="due_after", order="order", limit="limit", cursor="cursor")
 # GET /changes query parameters and the TaskStore.changes arguments they become.
 _CHANGES_PARAMETERS = {"after": "after", "limit": "limit"}
 
@@ -1814,7 +1832,7 @@ def _idempotency_key(environ):
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not key or len(key) > 255 or not all("!" <= char <= "~" for char in key):
-        raise RequestError(400, "Invalid request",
+        raise _RequestError(400, "Invalid request",
                            "Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key
 
@@ -1870,7 +1888,7 @@ def _report(stream, text):
 
 
 def _task_not_found(task_id):
-    return RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
+    return _RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
 
 
 # -- the request inspector ------------------------------------------------------------
@@ -1882,7 +1900,7 @@ _INSPECT_ANSWER = 4 * 1024     # the answer's body
 _INSPECT_HEADERS = 64 * 1024   # all of a request's header names and values (the app's
                                # own answers carry a few)
 #: Requests that carry this header are the dashboard's own: not kept.
-DASHBOARD_HEADER = "X-Genesy-Dashboard"
+_DASHBOARD_HEADER = "X-Genesy-Dashboard"
 _REDACTED = "[redacted]"
 # Bytes of recorded requests waiting for the recording's thread, at most: past
 # it they are dropped (and counted in a log line), so a stalled disk holds up
@@ -1949,7 +1967,7 @@ def _headers_of(environ, redacted, scrub):
     return headers
 
 
-class RequestInspector:
+class _RequestInspector:
     """The last ``capacity`` requests the app answered, with their answers.
 
     Kept in memory for GET /requests and the dashboard, and, with ``record``,
@@ -2189,9 +2207,9 @@ def _inspected(environ, authorized):
                 and environ.get("PATH_INFO", "") in ("", "/", "/requests"))
 
 
-class TasksApp(bottle.Bottle):
+class _TasksApp(bottle.Bottle):
     """The Bottle application :func:`make_app` returns; ``close()`` also closes its
-    store. ``inspector`` is its RequestInspector, or None; ``authorized(environ)``,
+    store. ``inspector`` is its _RequestInspector, or None; ``authorized(environ)``,
     set by make_app, says whether a request carries an accepted key."""
 
     def __init__(self, store, max_body, max_batch, inspector=None):
@@ -2219,15 +2237,15 @@ class TasksApp(bottle.Bottle):
         # is in SCRIPT_NAME.
         path = request.environ.get("SCRIPT_NAME", "").rstrip("/") + request.path
         if res.status_code == 404:
-            return error_body("Not found", "No route for %s %s" % (request.method, path))
+            return _error_body("Not found", "No route for %s %s" % (request.method, path))
         if res.status_code == 405:
-            return error_body("Method not allowed", "%s is not allowed on %s; allowed: %s"
+            return _error_body("Method not allowed", "%s is not allowed on %s; allowed: %s"
                               % (request.method, path,
                                  res.get_header("Allow", "").replace(",", ", ")))
         if res.status_code >= 500:
-            return error_body("Internal server error",
+            return _error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
-        return error_body(res.status_line.partition(" ")[2] or "Error", str(res.body))
+        return _error_body(res.status_line.partition(" ")[2] or "Error", str(res.body))
 
 
 def _check_users(users, source):
@@ -2333,7 +2351,7 @@ def _environ_key(header):
     return "HTTP_" + header.upper().replace("-", "_")
 
 
-_DASHBOARD_ENVIRON = _environ_key(DASHBOARD_HEADER)
+_DASHBOARD_ENVIRON = _environ_key(_DASHBOARD_HEADER)
 
 
 # The dashboard at GET /: one page, no build step, nothing fetched from
@@ -2382,8 +2400,7 @@ _DASHBOARD_SCRIPT = """
 const base = document.body.dataset.base, keyHeader = document.body.dataset.keyHeader;
 const storageKey = "genesy-tasks-api-key";
 const $ = (id) => document.getElementById(id);
-const columns = ["type", "ownerId", "contactId", "companyId", "dueDate", "createdAt",
-                 "completedAt"];
+const columns = JSON.parse(document.body.dataset.columns);  // the fields shown
 let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
 const opened = new Set();  // the requests shown expanded, kept so across refreshes
 let seen = [];             // the requests fetched so far, newest first
@@ -2664,7 +2681,7 @@ _DASHBOARD_PAGE = """<!doctype html>
 <link rel="icon" href="data:,">
 <style>%(style)s</style>
 </head>
-<body data-base="%(base)s" data-key-header="%(header)s">
+<body data-base="%(base)s" data-key-header="%(header)s" data-columns="%(columns)s">
 <header><h1>genesy-tasks</h1>
   <nav id="views" hidden><button type="button" id="show-tasks" aria-pressed="true">Tasks</button>
     <button type="button" id="show-requests" aria-pressed="false">Requests</button></nav>
@@ -2734,11 +2751,13 @@ _DASHBOARD_HEADERS = {
 }
 
 
-def dashboard_page(header=DEFAULT_HEADER, base_path=""):
+def _dashboard_page(header=DEFAULT_HEADER, base_path=""):
     """The dashboard's HTML for an app reached at ``base_path`` with this key header."""
     return (_DASHBOARD_PAGE % {
         "style": _DASHBOARD_STYLE, "script": _DASHBOARD_SCRIPT,
-        "base": html.escape(base_path), "header": html.escape(header)}).encode("utf-8")
+        "base": html.escape(base_path), "header": html.escape(header),
+        "columns": html.escape(json.dumps([field.name for field in _FIELDS if field.shown])),
+    }).encode("utf-8")
 
 
 def _error_responses(*statuses):
@@ -2762,7 +2781,7 @@ _ERROR_DESCRIPTIONS = {
 
 
 def _iso8601_pattern(date_separator, time_separator):
-    """A regular expression for exactly the dates and times is_iso8601 accepts,
+    """A regular expression for exactly the dates and times _is_iso8601 accepts,
     in one format (extended: "-" and ":"; basic: none), leap days included."""
     # Years 0001 to 9999; leap years are those divisible by 4, but of the
     # centuries only those divisible by 400.
@@ -2780,18 +2799,30 @@ def _iso8601_pattern(date_separator, time_separator):
     return "%s(%s)?" % (date, time_of_day)
 
 
+def _value_schema(schema):
+    """The OpenAPI schema of a field's value from its type in _FIELDS."""
+    kind = schema.rstrip("?")
+    value = {"type": "string", "format": kind} if kind == "date-time" else {"type": kind}
+    if schema.endswith("?"):
+        value["type"] = [value["type"], "null"]
+    return value
+
+
 def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                      max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False, inspect=True):
     """The OpenAPI 3.1 description of the routes :func:`make_app` serves
     (``users``, ``inspect``: whether it serves GET /users, GET /requests)."""
-    text_or_null = {"type": ["string", "null"]}
     iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
-    due_date = {"type": ["string", "null"], "pattern": iso8601,
-                "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"}
-    writable = {name: dict(text_or_null) for name in _OPTIONAL_FIELDS}
-    writable["dueDate"] = due_date
-    subject = {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"}
-    timestamp = {"type": "string", "format": "date-time"}
+    inputs = {  # what a client may send, by the field's input
+        "required": {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"},
+        "text": {"type": ["string", "null"]},
+        "date": {"type": ["string", "null"], "pattern": iso8601,
+                 "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"},
+        "flag": {"type": "boolean"},
+    }
+    timestamp = _value_schema("date-time")
+    new_task = {field.name: dict(inputs[field.input]) for field in _CREATE_FIELDS}
+    task_changes = {field.name: dict(inputs[field.input]) for field in _UPDATE_FIELDS}
     ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
     cursor = {"type": "string", "pattern": "^%s$" % _CURSOR.pattern}
 
@@ -2813,11 +2844,9 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
     list_parameters = [
         {"name": name, "in": "query", "required": False, "schema": schema,
          "description": description}
-        for name, schema, description in (
-            ("ownerId", {"type": "string"}, "Only tasks with this ownerId"),
-            ("contactId", {"type": "string"}, "Only tasks with this contactId"),
-            ("companyId", {"type": "string"}, "Only tasks with this companyId"),
-            ("type", {"type": "string"}, "Only tasks of this type"),
+        for name, schema, description in [
+            (name, {"type": "string"}, "Only tasks with this %s" % name) for name in _FILTERS
+        ] + [
             ("completed", {"type": "boolean"}, "Only completed (true) or open (false) tasks"),
             ("dueBefore", {"type": "string", "pattern": iso8601},
              "Only tasks due before this instant (exclusive)"),
@@ -2829,7 +2858,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                        "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
             ("cursor", cursor,
              "nextCursor of the previous page, with the same other parameters"),
-        )]
+        ]]
     limit = {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
                         "default": DEFAULT_LIST_LIMIT}}
@@ -3012,26 +3041,21 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                 "Task": {
                     "type": "object", "required": list(TASK_FIELDS),
                     "additionalProperties": False,
-                    "properties": {
-                        "id": {"type": "string"}, "subject": {"type": "string"},
-                        **{name: dict(text_or_null) for name in _OPTIONAL_FIELDS},
-                        "completed": {"type": "boolean"},
-                        "completedAt": {"type": ["string", "null"], "format": "date-time"},
-                        "createdAt": timestamp, "updatedAt": timestamp,
-                    },
+                    "properties": {field.name: _value_schema(field.schema)
+                                   for field in _FIELDS},
                 },
                 "NewTask": {
-                    "type": "object", "required": ["subject"],
-                    "properties": {"subject": subject, **writable},
+                    "type": "object",
+                    "required": [field.name for field in _CREATE_FIELDS
+                                 if field.input == "required"],
+                    "properties": new_task,
                 },
                 "TaskChanges": {
                     "type": "object",
                     "description": "At least one known field; completed true keeps the "
                                    "first completedAt, false reopens",
-                    "properties": {"subject": subject, **writable,
-                                   "completed": {"type": "boolean"}},
-                    "anyOf": [{"required": [name]}
-                              for name in ("subject",) + _OPTIONAL_FIELDS + ("completed",)],
+                    "properties": task_changes,
+                    "anyOf": [{"required": [name]} for name in task_changes],
                 },
                 "BatchGet": {
                     "type": "object", "required": ["ids"], "properties": {"ids": ids},
@@ -3096,7 +3120,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         if not keys:
             keys = [store.generated_api_key()]
             _warn_if_others_can_read(store.path)
-        inspector = (RequestInspector(inspect, header, record, max_body)
+        inspector = (_RequestInspector(inspect, header, record, max_body)
                      if inspect or record else None)
     except BaseException:
         if opened:  # nobody else will
@@ -3104,7 +3128,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         raise
     keys_text = list(keys)
     keys = [key.encode("utf-8") for key in keys]
-    app = TasksApp(store, max_body, max_batch, inspector)
+    app = _TasksApp(store, max_body, max_batch, inspector)
     app.uninstall(True)  # no JSON or template plugins: routes return bytes
 
     def authorized(environ):
@@ -3133,10 +3157,10 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
                                        "missing or invalid API key in the %s header" % header)
             try:
                 body = callback(environ, **url_args)
-            except RequestError as error:
+            except _RequestError as error:
                 return _error_response(error.status, error.title, error.message, error.headers)
             except TaskValidationError as error:
-                environ[INDEPENDENT_KEY] = True
+                environ[_INDEPENDENT_KEY] = True
                 return _error_response(400, "Invalid request", str(error))
             except IdempotencyKeyReused as error:
                 return _error_response(422, "Idempotency key reused", str(error))
@@ -3145,8 +3169,8 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
             except sqlite3.OperationalError as error:
                 # Locked past the busy timeout, read-only, disk full: the
                 # request may succeed later, so say so instead of failing.
-                if environ.get(RETRY_ON_LOCK_KEY) and _is_lock_wait(error):
-                    environ[MET_LOCK_KEY] = True  # the server runs it again later
+                if environ.get(_RETRY_ON_LOCK_KEY) and _is_lock_wait(error):
+                    environ[_MET_LOCK_KEY] = True  # the server runs it again later
                 else:
                     _report(environ["wsgi.errors"],
                             "genesy-tasks: storage unavailable: %s\n" % error)
@@ -3180,7 +3204,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     def dashboard():
         base = base_path(bottle.request.environ)
         if base not in pages:
-            pages[base] = dashboard_page(header, base)
+            pages[base] = _dashboard_page(header, base)
         bottle.response.content_type = "text/html; charset=utf-8"
         for name, value in _DASHBOARD_HEADERS.items():
             bottle.response.set_header(name, value)
@@ -3200,7 +3224,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     @app.get("/health")
     @api
     def health(environ):
-        environ[INDEPENDENT_KEY] = True
+        environ[_INDEPENDENT_KEY] = True
         return b'{"status":"ok"}'
 
     @app.get("/tasks")
@@ -3217,7 +3241,7 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
     @api
     def list_requests(environ):
         if not inspect:
-            raise RequestError(404, "Not found", "the request inspector is off (--inspect 0)")
+            raise _RequestError(404, "Not found", "the request inspector is off (--inspect 0)")
         arguments = _query_arguments(environ, {"limit": "limit", "after": "after"})
         limit = arguments.get("limit")
         if limit is not None:
@@ -3338,7 +3362,7 @@ class _LazyApp:
                             _report(environ.get("wsgi.errors", sys.stderr),
                                     "genesy-tasks: cannot start: %s\n" % error)
                         start_response("500 Internal Server Error", list(_ERROR_HEADERS))
-                        return [error_body("Internal server error",
+                        return [_error_body("Internal server error",
                                            "the server is misconfigured; the error was logged")]
         return self._app(environ, start_response)
 
@@ -3388,7 +3412,7 @@ _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})(;[\t\x20-\x7e\x80-\xff]*)?"
 
 
 def _bad_request(message):
-    return RequestError(400, "Bad request", message)
+    return _RequestError(400, "Bad request", message)
 
 
 def _malformed(line, message):
@@ -3398,7 +3422,7 @@ def _malformed(line, message):
 
 
 def _too_large(message):
-    return RequestError(431, "Request header fields too large", message)
+    return _RequestError(431, "Request header fields too large", message)
 
 
 def _list_items(value):
@@ -3412,7 +3436,7 @@ class _RequestReader:
     ``feed(data)`` appends what was received; ``next_request()`` returns the next
     whole request as ``(environ, keep_alive)``, its body in
     ``environ["wsgi.input"]``, or None until it has fully arrived. It raises
-    RequestError for a request to refuse; the connection must then close,
+    _RequestError for a request to refuse; the connection must then close,
     since where the next request would start is no longer known.
 
     State is kept between reads, so no byte is parsed twice. ``held`` is what
@@ -3509,7 +3533,7 @@ class _RequestReader:
                 # The line's length with its CRLF, or the least it can be.
                 length = (lf if lf >= 0 else len(buffer)) + 1 - pos
                 if self._environ is None and length > _MAX_REQUEST_LINE + 2:
-                    raise RequestError(414, "URI too long", "the request line is longer "
+                    raise _RequestError(414, "URI too long", "the request line is longer "
                                        "than %d bytes" % _MAX_REQUEST_LINE)
                 if self._head_size + length > _MAX_HEAD:
                     raise _too_large("the request head is larger than %d bytes" % _MAX_HEAD)
@@ -3535,7 +3559,7 @@ class _RequestReader:
             raise _malformed(line, "malformed request line")
         method, target, protocol = request_line.groups()
         if protocol not in ("HTTP/1.1", "HTTP/1.0"):
-            raise RequestError(505, "HTTP version not supported",
+            raise _RequestError(505, "HTTP version not supported",
                                "only HTTP/1.0 and HTTP/1.1 are supported")
         if not method.isalpha() or not method.isupper():
             raise _bad_request("malformed request method")
@@ -3618,7 +3642,7 @@ class _RequestReader:
             if codings[-1] != "chunked" or codings.count("chunked") > 1 or "" in codings:
                 raise _bad_request("the final transfer coding must be chunked, applied once")
             if len(codings) > 1:
-                raise RequestError(501, "Not implemented",
+                raise _RequestError(501, "Not implemented",
                                    "only the chunked transfer coding is supported")
             if http10:
                 keep_alive = False  # RFC 9112 6.1: framing from 1.1 in a 1.0 message
@@ -3870,7 +3894,7 @@ class _Connection(asyncio.Protocol):
         while not self.write_paused and self.linger_until is None and self.parked is None:
             try:
                 request = reader.next_request()
-            except RequestError as error:
+            except _RequestError as error:
                 self.finish_with_error(error.status, error.title, error.message)
                 break
             if request is None:
@@ -3903,7 +3927,7 @@ class _Connection(asyncio.Protocol):
         """Send a final error response, then drain input briefly so the client can read it."""
         server = self.server
         server._end_group()  # answers held for earlier requests go first
-        body = error_body(title, message)
+        body = _error_body(title, message)
         self.transport.write(server._response_head(
             "%d %s" % (status, title), _ERROR_HEADERS, body, keep_alive=False) + body)
         server._log("%s - %d (%s)" % (self.peer, status, message))
@@ -3934,7 +3958,7 @@ class TaskServer:
     threads take turns anyway), while no client can hold up another by being
     slow to send or to read.
 
-    It serves any WSGI application. Given ``commits`` (a CommitGroups of the
+    It serves any WSGI application. Given ``commits`` (a _CommitGroups of the
     application's TaskStore), the writes of all requests handled in one turn
     of the loop commit together, once (TaskStore.start_commit_group), and
     their responses are sent after that COMMIT: one commit per turn rather
@@ -4000,7 +4024,7 @@ class TaskServer:
         self._date_second = None
         self._date_header = ""
         self._stopped = self._loop.create_future()
-        self._commits = commits  # a CommitGroups, or None: no groups, no lock retries
+        self._commits = commits  # a _CommitGroups, or None: no groups, no lock retries
         self._group = None   # the open commit group
         self._parked = []    # connections whose request waits for another's write lock
         self._retry = None   # the timer that runs them again
@@ -4241,7 +4265,7 @@ class TaskServer:
                 if deadline is None:
                     deadline = time.monotonic() + commits.lock_timeout
                 pristine = environ.copy()  # the application adds to it
-                environ[RETRY_ON_LOCK_KEY] = deadline
+                environ[_RETRY_ON_LOCK_KEY] = deadline
         response = []
 
         def start_response(status, headers, exc_info=None):
@@ -4259,9 +4283,9 @@ class TaskServer:
             _report(self._log_stream, traceback.format_exc())
             status = "500 Internal Server Error"
             headers = _ERROR_HEADERS
-            body = error_body("Internal server error",
+            body = _error_body("Internal server error",
                               "the server failed to handle the request; the error was logged")
-        if commits is not None and environ.get(MET_LOCK_KEY):
+        if commits is not None and environ.get(_MET_LOCK_KEY):
             if _will_retry(environ):
                 conn.parked = (pristine, keep_alive, deadline)
                 self._parked.append(conn)
@@ -4297,7 +4321,7 @@ class TaskServer:
             conn.transport.write(head + body)
             self._log("%s %s %.2fms" % (request, status[:3], elapsed))
             return
-        depends = self._group.writing and not environ.get(INDEPENDENT_KEY)
+        depends = self._group.writing and not environ.get(_INDEPENDENT_KEY)
         self._held.append((conn, head + body, depends,
                            (keep_alive, http10, head_only), (request, status[:3], elapsed)))
         self._held_bytes += len(body)
@@ -4359,7 +4383,7 @@ class TaskServer:
         try:
             self._commits.finish()
         except sqlite3.Error as error:
-            void = error_body("Service unavailable", _unavailable_message(error))
+            void = _error_body("Service unavailable", _unavailable_message(error))
             self._log("- - storage unavailable: the commit of a group of writes failed: %s"
                       % error)
         for conn, data, depends, shape, logged in held:
@@ -4424,7 +4448,7 @@ class TaskServer:
 ###############################################################################
 
 #: Tasks the check creates carry this in their subject, so they can be found.
-CHECK_SUBJECT = "genesy-tasks check: safe to delete"
+_CHECK_SUBJECT = "genesy-tasks check: safe to delete"
 
 
 class _CheckClient:
@@ -4523,7 +4547,7 @@ def _expect_task(task, what, sent=None, completed=None):
                 % (what, json.dumps(task.get("completed")), json.dumps(completed)))
         if completed:
             at = task.get("completedAt")
-            _expect(isinstance(at, str) and is_iso8601(at),
+            _expect(isinstance(at, str) and _is_iso8601(at),
                     "%s: completedAt %s is not an ISO 8601 date-time" % (what, json.dumps(at)))
 
 
@@ -4544,7 +4568,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
                        out=None, owner_id=None, contact_id=None, company_id=None):
     """Run Genesy's calls against the server at ``url``; print a line per check.
 
-    Returns the number of failed checks. Tasks it creates have CHECK_SUBJECT
+    Returns the number of failed checks. Tasks it creates have _CHECK_SUBJECT
     in their subject and are deleted afterwards where the server allows it.
     They carry ``owner_id``, ``contact_id`` and ``company_id``, for a CRM that
     refuses ids it does not know; without ``owner_id``, the first user of GET
@@ -4552,7 +4576,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=F
     """
     out = out or sys.stdout
     client = _CheckClient(url, key, header, timeout, insecure)
-    marker = "%s %s" % (CHECK_SUBJECT, secrets.token_hex(4))
+    marker = "%s %s" % (_CHECK_SUBJECT, secrets.token_hex(4))
     missing = "genesy-check-missing-" + secrets.token_hex(8)
     sent = {"subject": marker, "description": "Created by genesy-tasks check",
             "type": "call", "ownerId": owner_id or "genesy-check-owner",
@@ -5003,7 +5027,7 @@ def _build_parser():
         description="Run Genesy's Tasks calls against the server at URL (this one or "
                     "your own CRM's) and print PASS or FAIL for each check. Exits 1 if "
                     "any check fails. Tasks it creates have the subject %r and are "
-                    "deleted afterwards where the server allows it." % CHECK_SUBJECT,
+                    "deleted afterwards where the server allows it." % _CHECK_SUBJECT,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     replay = commands.add_parser(
         "replay", help="send recorded requests (--record) to a server and compare the answers",
@@ -5359,7 +5383,7 @@ def _server_for(args, tasks_app, tls, sock, checkpoint_pages, name=None):
     return TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
                       request_timeout=args.request_timeout,
                       max_connections=args.max_connections, ssl_context=tls,
-                      commits=CommitGroups(tasks_app.store, checkpoint_pages), sock=sock,
+                      commits=_CommitGroups(tasks_app.store, checkpoint_pages), sock=sock,
                       name=name)
 
 

@@ -38,10 +38,7 @@ KEY = "test-key-0123456789"
 HEADERS = {"X-API-Key": KEY}
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "genesy_tasks.py")
-TASK_KEYS = {
-    "id", "subject", "description", "type", "ownerId", "dueDate", "contactId",
-    "companyId", "completed", "completedAt", "createdAt", "updatedAt",
-}
+TASK_KEYS = set(genesy_tasks.TASK_FIELDS)  # the field table's; pinned by the test below
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 FULL_TASK = {
     "subject": "Follow up with John",
@@ -108,6 +105,13 @@ def assert_error(response, status, title=None, mentions=()):
 
 
 # -- creating tasks ---------------------------------------------------------------
+
+def test_a_task_has_genesys_fields_in_genesys_order():
+    # The contract's task shape, which the field table must keep.
+    assert genesy_tasks.TASK_FIELDS == (
+        "id", "subject", "description", "type", "ownerId", "dueDate", "contactId",
+        "companyId", "completed", "completedAt", "createdAt", "updatedAt")
+
 
 def test_create_returns_201_location_and_the_whole_task(api):
     response = api.post_json("/tasks", FULL_TASK, headers=HEADERS, status=201)
@@ -584,14 +588,14 @@ def test_store_list_and_delete(store):
 
 
 def test_utc_instant_normalises_every_iso8601_spelling():
-    assert genesy_tasks.utc_instant("2024-01-15") == "2024-01-15T00:00:00.000Z"
-    assert genesy_tasks.utc_instant("2024-01-15T11:00:00+01:00") == "2024-01-15T10:00:00.000Z"
-    assert genesy_tasks.utc_instant("20240115T1000Z") == "2024-01-15T10:00:00.000Z"
-    assert genesy_tasks.utc_instant("2024-01-15T10:00:00.1239-0530") == "2024-01-15T15:30:00.123Z"
-    assert genesy_tasks.utc_instant("2016-12-31T23:59:60Z") == "2016-12-31T23:59:59.000Z"
-    assert genesy_tasks.utc_instant("0999-01-01") == "0999-01-01T00:00:00.000Z"
+    assert genesy_tasks._utc_instant("2024-01-15") == "2024-01-15T00:00:00.000Z"
+    assert genesy_tasks._utc_instant("2024-01-15T11:00:00+01:00") == "2024-01-15T10:00:00.000Z"
+    assert genesy_tasks._utc_instant("20240115T1000Z") == "2024-01-15T10:00:00.000Z"
+    assert genesy_tasks._utc_instant("2024-01-15T10:00:00.1239-0530") == "2024-01-15T15:30:00.123Z"
+    assert genesy_tasks._utc_instant("2016-12-31T23:59:60Z") == "2016-12-31T23:59:59.000Z"
+    assert genesy_tasks._utc_instant("0999-01-01") == "0999-01-01T00:00:00.000Z"
     with pytest.raises(TaskValidationError):
-        genesy_tasks.utc_instant("2023-02-29")
+        genesy_tasks._utc_instant("2023-02-29")
 
 
 _SCHEMA_V1 = """
@@ -3763,7 +3767,7 @@ def test_bad_limits_are_refused_at_start(flag, value, capsys):
 def _server_thread(app, **options):
     """A TaskServer serving ``app`` from a thread of this process, so tests can look inside."""
     if hasattr(app, "store"):  # the API's app: its writes commit in groups, as served
-        options.setdefault("commits", genesy_tasks.CommitGroups(app.store))
+        options.setdefault("commits", genesy_tasks._CommitGroups(app.store))
     options.setdefault("log", io.StringIO())
     server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -4492,7 +4496,7 @@ _json_values = st.recursive(
     max_leaves=12)
 # Bodies shaped like the API's, so that fuzzing gets past the first checks.
 _task_like = st.fixed_dictionaries({}, optional={
-    name: _json_values for name in list(genesy_tasks.WRITABLE_FIELDS) + ["completed", "ids", "id"]})
+    name: _json_values for name in genesy_tasks.TASK_FIELDS + ("ids",)})
 _example_ids = st.sampled_from(["task-01a2244cab3fc2c1aeaf91dc280a15eb",
                                 "task-01a2244cab3f2148621ff8c008eb0faf", "task-missing"])
 _nearly_valid = st.fixed_dictionaries(
@@ -4792,7 +4796,7 @@ def test_bytes_held_for_a_chunked_body_count_against_the_budget():
     assert reader.next_request() is None
     assert reader.held == 150  # decoded so far, and not yet decoded
     reader.feed(b"b" * 50 + b"\r\n" + b"%x\r\n" % 801)
-    with pytest.raises(genesy_tasks.RequestError) as refused:
+    with pytest.raises(genesy_tasks._RequestError) as refused:
         reader.next_request()  # the chunk would take the body past max_body
     assert refused.value.status == 413
 
@@ -4932,12 +4936,12 @@ def test_over_tls_an_early_error_is_read_by_a_client_still_uploading(tmp_path, c
 
 
 def _read_one(data, max_body=4096):
-    """The first request the reader makes of ``data``, or the RequestError it raises."""
+    """The first request the reader makes of ``data``, or the _RequestError it raises."""
     reader = genesy_tasks._RequestReader({}, max_body)
     reader.feed(data)
     try:
         return reader.next_request()
-    except genesy_tasks.RequestError as error:
+    except genesy_tasks._RequestError as error:
         return error
 
 
@@ -4966,7 +4970,7 @@ def test_empty_lines_before_a_head_count_towards_its_limit_however_they_arrive()
     stream = b"\r\n" + head
     for pieces in ([stream], [stream[:2], stream[2:]]):
         reader = genesy_tasks._RequestReader({}, 0)
-        with pytest.raises(genesy_tasks.RequestError) as refused:
+        with pytest.raises(genesy_tasks._RequestError) as refused:
             for piece in pieces:
                 reader.feed(piece)
                 reader.next_request()
