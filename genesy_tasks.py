@@ -46,40 +46,97 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 import bottle
 
-DEFAULT_HEADER = "X-API-Key"
+# -- defaults and limits ----------------------------------------------------------
+# Every timeout and limit, by room. The DEFAULT_* that an option or an
+# argument can change are its defaults; the others bound what no option does.
+# Their costs are measured by bench/bench.py, not written here.
+
+SCHEMA_VERSION = 4
+
+# Storage
 DEFAULT_DB = "tasks.db"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a write waits for another connection's write lock
+# The commit that takes the WAL past this many pages copies them into the
+# database. Each checkpoint syncs the WAL and then the database, whatever the
+# size, and rewrites the pages that changed: fewer, larger checkpoints cost
+# less in all, for longer pauses. SQLite's default is 1,000 pages.
+DEFAULT_CHECKPOINT_PAGES = 8000
+DEFAULT_CHECKPOINT_LOCK_WAIT_MS = 50  # how long a RESTART checkpoint waits for the lock
+DEFAULT_IDEMPOTENCY_TTL = 24 * 60 * 60  # seconds an Idempotency-Key is remembered, at least
+DEFAULT_DELETIONS_KEPT_DAYS = 7  # days the change feed keeps a deletion, at least
+# Connections kept open for threads to come when the threads that used them
+# end: enough for a thread-per-request server's usual concurrency, few
+# enough that a burst of threads leaves few open files behind.
+DEFAULT_IDLE_CONNECTIONS = 4
+# Changes waiting for slow subscribers, at most; past it they are dropped
+# (and logged): a subscriber that falls behind catches up from the feed.
+DEFAULT_MAX_UNDELIVERED = 100_000
+DEFAULT_STOP_TIMEOUT = 10.0  # seconds close() waits for subscribers and the recording
+
+# Application
+DEFAULT_HEADER = "X-API-Key"
 DEFAULT_MAX_BATCH = 10_000
 # A maximal batch of 10,000 ids of up to 200 characters each, with room for
 # JSON escapes and whitespace.
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
-DEFAULT_BUSY_TIMEOUT = 5.0
-DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_LIST_LIMIT = 50
+DEFAULT_MAX_LIST_LIMIT = 500
+DEFAULT_INSPECT = 200  # requests the inspector keeps (GET /requests, the dashboard)
+DEFAULT_MAX_INSPECT = 10_000  # the most it may keep: memory is this times the three below
+DEFAULT_INSPECT_BODY = 64 * 1024  # bytes kept of a request's body
+DEFAULT_INSPECT_ANSWER = 4 * 1024  # of the answer's body
+DEFAULT_INSPECT_HEADERS = 64 * 1024  # of a request's header names and values together
+# Bytes of recorded requests waiting for the recording's thread, at most: past
+# it they are dropped (and counted in a log line), so a stalled disk holds up
+# nobody and memory stays bounded.
+DEFAULT_MAX_UNRECORDED = 64 * 1024 * 1024
+
+# Server
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0  # seconds a stop waits for requests in flight
+# Seconds a connection closed after an error answer goes on reading (and
+# dropping) what the client still sends, so that the answer is not lost to a
+# reset.
+DEFAULT_LINGER = 2.0
 DEFAULT_MAX_CONNECTIONS = 256
 # Request bytes held for all connections together (heads and bodies still
 # arriving). Past it, connections that send more wait their turn.
 DEFAULT_MAX_BUFFERED = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_LINE = 8 * 1024  # longer: 414
+DEFAULT_MAX_HEAD = 64 * 1024  # request line and fields together; longer: 431
+DEFAULT_MAX_HEADERS = 100  # more fields: 431
+DEFAULT_MAX_CHUNK_EXTENSIONS = 16 * 1024  # a body's chunk extensions, all together; more: 400
+DEFAULT_MAX_TRAILERS = 16 * 1024  # a chunked body's trailer section; larger: 431
+DEFAULT_MAX_CHUNK_SIZE_DIGITS = 16
+# A commit group (see TaskServer._handle) ends early after this many
+# responses or bytes of responses, so a burst of pipelined requests is
+# answered, and flow control sees the bytes, before they pile up.
+DEFAULT_GROUP_MAX_RESPONSES = 64
+DEFAULT_GROUP_MAX_BYTES = 1024 * 1024
+DEFAULT_MAX_LOGGED_PATH = 500  # characters of a path in a log line; longer ones are cut
+# A worker that exits within this many seconds of its start did not start: it
+# is tried again after a pause that doubles each time, up to the last figure;
+# when every worker has failed this many times in a row, the parent gives up.
+DEFAULT_WORKER_STARTED = 1.0
+DEFAULT_WORKER_RETRY = (0.5, 30.0)
+DEFAULT_WORKER_ATTEMPTS = 5
 
-SCHEMA_VERSION = 4
-# The commit that takes the WAL past this many pages copies them into the
-# database. Each checkpoint syncs the WAL and then the database, about 15 ms
-# each on the development machine whatever the size, and rewrites the pages
-# that changed. SQLite's default, 1,000 pages, pays that eight times as often:
-# on a million tasks, where a create dirties about four scattered pages, that
-# is every 250 creates. 8,000 pages is a 32 MB WAL and a pause of about 60 ms
-# every 2,000 or so creates. 4,000 pages gave 17% fewer creates in-process (9%
-# over HTTP); 16,000 gave 13% more, for pauses of about 100 ms.
-WAL_CHECKPOINT_PAGES = 8000
-#: How long an Idempotency-Key is remembered, at least.
-IDEMPOTENCY_TTL = 24 * 60 * 60
-DEFAULT_LIST_LIMIT = 50
-MAX_LIST_LIMIT = 500
-#: How many requests the request inspector keeps (GET /requests, the dashboard).
-DEFAULT_INSPECT = 200
-MAX_INSPECT = 10_000  # each may hold about 132 KiB: 1.3 GB at most
-#: How long the change feed keeps a deleted task's deletion, at least (days).
-DELETIONS_KEPT_DAYS = 7
+# Check and replay
+DEFAULT_CHECK_TIMEOUT = 10.0  # seconds for each request to the server checked
+
+# The documented API (docs/embedding.md); every other name is underscored.
+__all__ = [
+    "TaskStore", "TaskValidationError", "IdempotencyKeyReused", "ChangesForgotten",
+    "StorageError", "backup_database",                            # storage
+    "make_app", "mount", "openapi_document", "app",               # application
+    "TaskServer",                                                 # server
+    "run_contract_check", "run_replay",                           # check
+    "main",                                                       # command line
+    "TASK_FIELDS", "SCHEMA_VERSION",
+] + [name for name in list(globals()) if name.startswith("DEFAULT_")]
 
 
 ###############################################################################
@@ -340,7 +397,7 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 # The change feed (GET /changes, TaskStore.changes): one row per task, its
 # latest change, which a new change replaces at the end of the feed, so the
 # feed is as large as the table plus the deletions of the last
-# DELETIONS_KEPT_DAYS. Triggers write it, so that every writer is in it: this
+# DEFAULT_DELETIONS_KEPT_DAYS. Triggers write it, so that every writer is in it: this
 # server, a CRM's own SQL, another process. They fire on the contract's
 # columns only (a CRM's update of a column of its own is no change), and never
 # write genesy_tasks, so a CRM's own triggers on it fire for its writes alone.
@@ -348,7 +405,7 @@ CREATE INDEX genesy_idempotency_created ON genesy_idempotency (created_ms);
 # INSERT OR REPLACE, whose conflict policy an outer statement's would override.
 _CHANGE_AT_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _CHANGES_CUTOFF = ("strftime('%%Y-%%m-%%dT%%H:%%M:%%fZ', 'now', '-%d days')"
-                   % DELETIONS_KEPT_DAYS)
+                   % DEFAULT_DELETIONS_KEPT_DAYS)
 _CONTRACT_COLUMNS = ", ".join(field.column for field in _STORED)
 _CHANGES_TABLE = [
     """CREATE TABLE genesy_changes (
@@ -376,7 +433,7 @@ END""" % {"columns": _CONTRACT_COLUMNS},
     INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
     INSERT INTO genesy_changes (task_id, change, at) VALUES (NEW.id, 'update', NEW.updated_at);
 END""" % {"columns": _CONTRACT_COLUMNS, "now": _CHANGE_AT_NOW},
-    # A deletion also forgets those older than DELETIONS_KEPT_DAYS, and
+    # A deletion also forgets those older than DEFAULT_DELETIONS_KEPT_DAYS, and
     # remembers up to where: a cursor from before then may have missed one.
     """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
     INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(max(seq), coalesce(
@@ -524,8 +581,8 @@ _CURSOR = re.compile(r"[0-9]{1,18}")
 
 def _check_limit(limit):
     if isinstance(limit, bool) or not isinstance(limit, int) \
-            or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise TaskValidationError("limit must be a whole number from 1 to %d" % MAX_LIST_LIMIT)
+            or not 1 <= limit <= DEFAULT_MAX_LIST_LIMIT:
+        raise TaskValidationError("limit must be a whole number from 1 to %d" % DEFAULT_MAX_LIST_LIMIT)
 
 
 def _decode_cursor(cursor, name="cursor"):
@@ -595,15 +652,6 @@ class ChangesForgotten(Exception):
     than the deletions it keeps, or beyond its end (a restored database)."""
 
 
-# Connections kept open for threads to come when the threads that used them
-# end: enough for a thread-per-request server's usual concurrency, few
-# enough that a burst of threads leaves few open files behind.
-_IDLE_CONNECTIONS = 4
-# Changes waiting for slow subscribers, at most; past it they are dropped
-# (and logged): a subscriber that falls behind catches up from the feed.
-_MAX_UNDELIVERED = 100_000
-
-
 def _change(kind, task_id, task, at):
     """A change in the feed's shape."""
     return {"taskId": task_id, "change": kind, "task": task, "at": at}
@@ -645,7 +693,7 @@ class _Deliveries(threading.Thread):
         """The place's commit happened, with these changes, or did not ([])."""
         dropped = False
         with self.ready:
-            if changes and self.pending and self.pending + len(changes) > _MAX_UNDELIVERED:
+            if changes and self.pending and self.pending + len(changes) > DEFAULT_MAX_UNDELIVERED:
                 dropped = not self.dropped
                 self.dropped += len(changes)
                 changes = []
@@ -655,9 +703,9 @@ class _Deliveries(threading.Thread):
         if dropped:
             _report(sys.stderr, "genesy-tasks: subscribers are more than %d changes behind; "
                                 "dropping changes (read the change feed to catch up)\n"
-                    % _MAX_UNDELIVERED)
+                    % DEFAULT_MAX_UNDELIVERED)
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout=DEFAULT_STOP_TIMEOUT):
         """Deliver what was committed (for up to ``timeout`` seconds), then end."""
         with self.ready:
             self.stopping = True
@@ -800,7 +848,7 @@ class TaskStore:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            if len(self._idle) < _IDLE_CONNECTIONS:
+            if len(self._idle) < DEFAULT_IDLE_CONNECTIONS:
                 self._idle.append(conn)
             else:
                 conn.close()
@@ -928,7 +976,7 @@ class TaskStore:
     def _set_waits(self, conn, waits):
         """A connection that waits for locks and checkpoints in its commits, or not."""
         conn.execute("PRAGMA busy_timeout = %d" % (self.busy_timeout * 1000 if waits else 0))
-        conn.execute("PRAGMA wal_autocheckpoint = %d" % (WAL_CHECKPOINT_PAGES if waits else 0))
+        conn.execute("PRAGMA wal_autocheckpoint = %d" % (DEFAULT_CHECKPOINT_PAGES if waits else 0))
 
     def start_commit_group(self):
         """Let this thread's writes share one transaction until finish_commit_group().
@@ -1149,10 +1197,11 @@ class TaskStore:
         the same fields (in any key order) creates nothing and returns the
         task as it was first returned, with ``replayed`` true; with other
         fields it raises :class:`IdempotencyKeyReused`. Keys are kept for
-        IDEMPOTENCY_TTL seconds at least.
+        DEFAULT_IDEMPOTENCY_TTL seconds at least.
         """
-        if not isinstance(key, str) or not 1 <= len(key) <= 255:
-            raise TaskValidationError("the idempotency key must be 1 to 255 characters")
+        if not isinstance(key, str) or not 1 <= len(key) <= 255 \
+                or not all("!" <= char <= "~" for char in key):
+            raise TaskValidationError("Idempotency-Key must be 1 to 255 visible ASCII characters")
         task, row = self._new_task(fields)
         fingerprint = _fingerprint(fields)
         now_ms = int(time.time() * 1000)
@@ -1171,7 +1220,7 @@ class TaskStore:
             conn.execute("INSERT INTO genesy_idempotency VALUES (?, ?, ?, ?)",
                          (key, fingerprint, json.dumps(task, ensure_ascii=False), now_ms))
             conn.execute("DELETE FROM genesy_idempotency WHERE created_ms < ?",
-                         (now_ms - IDEMPOTENCY_TTL * 1000,))
+                         (now_ms - DEFAULT_IDEMPOTENCY_TTL * 1000,))
             if self._subscribers:
                 self._changed([_created(task)])
         return task, False
@@ -1324,7 +1373,7 @@ class TaskStore:
         when. Every task is in the feed once, at its latest change, in commit
         order: pass ``nextCursor`` (always given) as ``after`` to get what
         changed since. Without ``after`` it starts from the oldest change
-        kept. Deletions are kept DELETIONS_KEPT_DAYS; a cursor older than a
+        kept. Deletions are kept DEFAULT_DELETIONS_KEPT_DAYS; a cursor older than a
         deletion forgotten since, or beyond the feed's end (a restored
         database), raises ChangesForgotten.
         """
@@ -1342,7 +1391,7 @@ class TaskStore:
             raise ChangesForgotten(
                 "this cursor is older than the changes kept (deletions are kept %d days) "
                 "or newer than any (the database was restored or replaced); start again "
-                "without after" % DELETIONS_KEPT_DAYS)
+                "without after" % DEFAULT_DELETIONS_KEPT_DAYS)
         rows = [row for row in rows if row[0] != -1]
         if rows:
             position = rows[-1][0]
@@ -1485,8 +1534,6 @@ _CHECKPOINT_INTERVAL = 0.05
 # RESTART that holds the write lock, or this many times.
 _CHECKPOINT_TAIL = 64
 _CHECKPOINT_PASSES = 6
-# How long that RESTART may wait for the write lock and for readers to move on.
-_CHECKPOINT_LOCK_WAIT_MS = 50
 # Past this many times the checkpoint size, a WAL that cannot be checkpointed
 # (another connection's long read transaction pins it) is reported.
 _WAL_WARNING_FACTOR = 4
@@ -1510,7 +1557,7 @@ class _CommitGroups:
     process (Litestream, say).
     """
 
-    def __init__(self, store, checkpoint_pages=WAL_CHECKPOINT_PAGES):
+    def __init__(self, store, checkpoint_pages=DEFAULT_CHECKPOINT_PAGES):
         self.store = store
         self.lock_timeout = store.busy_timeout
         self.checkpoint_pages = checkpoint_pages
@@ -1663,7 +1710,7 @@ class _Checkpointer(threading.Thread):
                 # few pages. Waiting a moment is fine here, on this thread.
                 try:
                     self._groups_paused.set()
-                    conn.execute("PRAGMA busy_timeout = %d" % _CHECKPOINT_LOCK_WAIT_MS)
+                    conn.execute("PRAGMA busy_timeout = %d" % DEFAULT_CHECKPOINT_LOCK_WAIT_MS)
                     busy = conn.execute("PRAGMA wal_checkpoint(%s)" % mode).fetchone()[0]
                     if not busy:
                         # The first commit into a restarted WAL writes and syncs
@@ -1813,12 +1860,10 @@ def _query_arguments(environ, parameters):
         if flag not in ("true", "false"):
             raise TaskValidationError("completed must be true or false")
         arguments["completed"] = flag == "true"
-    if "limit" in arguments:
+    if "limit" in arguments:  # a number when it reads as one; the store checks it
         text = arguments["limit"]
-        if not (text.isascii() and text.isdigit()) or len(text) > 4:
-            raise TaskValidationError("limit must be a whole number from 1 to %d"
-                                      % MAX_LIST_LIMIT)
-        arguments["limit"] = int(text)
+        if text.isascii() and text.isdigit() and len(text) <= 18:
+            arguments["limit"] = int(text)
     return arguments
 
 
@@ -1831,10 +1876,7 @@ def _idempotency_key(environ):
     key = key.strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
-    if not key or len(key) > 255 or not all("!" <= char <= "~" for char in key):
-        raise _RequestError(400, "Invalid request",
-                           "Idempotency-Key must be 1 to 255 visible ASCII characters")
-    return key
+    return key  # checked by TaskStore.create_idempotent
 
 
 def _unavailable_message(error):
@@ -1892,20 +1934,9 @@ def _task_not_found(task_id):
 
 
 # -- the request inspector ------------------------------------------------------------
-
-# What the inspector keeps of each request, at most: memory stays bounded by
-# the number kept times these.
-_INSPECT_BODY = 64 * 1024      # the request's body
-_INSPECT_ANSWER = 4 * 1024     # the answer's body
-_INSPECT_HEADERS = 64 * 1024   # all of a request's header names and values (the app's
-                               # own answers carry a few)
 #: Requests that carry this header are the dashboard's own: not kept.
 _DASHBOARD_HEADER = "X-Genesy-Dashboard"
 _REDACTED = "[redacted]"
-# Bytes of recorded requests waiting for the recording's thread, at most: past
-# it they are dropped (and counted in a log line), so a stalled disk holds up
-# nobody and memory stays bounded.
-_MAX_UNRECORDED = 64 * 1024 * 1024
 
 
 class _BodyReplay(io.RawIOBase):
@@ -1960,7 +1991,7 @@ def _headers_of(environ, redacted, scrub):
         value = _REDACTED if key in redacted else scrub(_text(value.encode("latin-1",
                                                                              "replace")))
         size += len(name) + len(value)
-        if size > _INSPECT_HEADERS:
+        if size > DEFAULT_INSPECT_HEADERS:
             headers["..."] = "more headers, not kept"
             break
         headers[name] = value
@@ -2036,7 +2067,7 @@ class _RequestInspector:
         if length or (chunked and length is None):
             # Read ahead (the app reads it again from _BodyReplay), at most
             # what the app would accept: a recording keeps whole bodies.
-            limit = self.max_body + 1 if whole else _INSPECT_BODY + 1
+            limit = self.max_body + 1 if whole else DEFAULT_INSPECT_BODY + 1
             if length is not None:
                 limit = min(limit, length)
             body = environ["wsgi.input"].read(limit)
@@ -2076,15 +2107,15 @@ class _RequestInspector:
             # Whole bodies for requests with the key; others' as the
             # inspector keeps them: no one fills the disk by knocking.
             whole = self.authorized(environ)
-            sent = body if whole else body[:_INSPECT_BODY]
-            got = answered if whole else answered[:_INSPECT_ANSWER]
+            sent = body if whole else body[:DEFAULT_INSPECT_BODY]
+            got = answered if whole else answered[:DEFAULT_INSPECT_ANSWER]
             recorded = (dict(request, **self._recorded_body(sent, size)),
                         dict(entry["response"], **self._recorded_body(got, total)))
-        request["body"] = self.scrub(_text(body[:_INSPECT_BODY])) if body else None
-        request["truncated"] = max(request["bytes"], len(body)) > _INSPECT_BODY
-        entry["response"]["body"] = (self.scrub(_text(answered[:_INSPECT_ANSWER]))
+        request["body"] = self.scrub(_text(body[:DEFAULT_INSPECT_BODY])) if body else None
+        request["truncated"] = max(request["bytes"], len(body)) > DEFAULT_INSPECT_BODY
+        entry["response"]["body"] = (self.scrub(_text(answered[:DEFAULT_INSPECT_ANSWER]))
                                      if answered else None)
-        entry["response"]["truncated"] = total > _INSPECT_ANSWER
+        entry["response"]["truncated"] = total > DEFAULT_INSPECT_ANSWER
         with self.lock:
             # Numbered by the time it is kept, in microseconds, and always
             # above the last: ids go up in the order kept (a poller's "after"
@@ -2099,7 +2130,7 @@ class _RequestInspector:
 
 class _Answered:
     """The app's answer, passed on as it comes, its bytes kept for the inspector
-    (the first _INSPECT_ANSWER, or all of them for a recording)."""
+    (the first DEFAULT_INSPECT_ANSWER, or all of them for a recording)."""
 
     def __init__(self, chunks, inspector, environ, entry, body, size, answer, started):
         self.chunks, self.inspector, self.entry = chunks, inspector, entry
@@ -2113,8 +2144,8 @@ class _Answered:
             self.total += len(chunk)
             if self.whole:
                 self.kept += chunk
-            elif len(self.kept) <= _INSPECT_ANSWER:
-                self.kept += chunk[:_INSPECT_ANSWER + 1 - len(self.kept)]
+            elif len(self.kept) <= DEFAULT_INSPECT_ANSWER:
+                self.kept += chunk[:DEFAULT_INSPECT_ANSWER + 1 - len(self.kept)]
             yield chunk
 
     def close(self):
@@ -2147,14 +2178,14 @@ class _Recording(threading.Thread):
 
     def append(self, line):
         with self.ready:
-            if self.waiting + len(line) > _MAX_UNRECORDED and self.lines:
+            if self.waiting + len(line) > DEFAULT_MAX_UNRECORDED and self.lines:
                 self.dropped += 1
                 return
             self.lines.append(line)
             self.waiting += len(line)
             self.ready.notify()
 
-    def close(self, timeout=10.0):
+    def close(self, timeout=DEFAULT_STOP_TIMEOUT):
         with self.ready:
             self.stopping = True
             self.ready.notify()
@@ -2174,7 +2205,7 @@ class _Recording(threading.Thread):
             if dropped:
                 _report(sys.stderr, "genesy-tasks: recording: the disk is %d MiB behind; %d "
                                     "requests were not recorded\n"
-                        % (_MAX_UNRECORDED // 1024 // 1024, dropped))
+                        % (DEFAULT_MAX_UNRECORDED // 1024 // 1024, dropped))
             try:
                 data = memoryview(b"".join(lines))
                 while data:
@@ -2854,19 +2885,19 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
              "Only tasks due at or after this instant"),
             ("order", {"type": "string", "enum": ["newest", "oldest"], "default": "newest"},
              "Creation order"),
-            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+            ("limit", {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
                        "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
             ("cursor", cursor,
              "nextCursor of the previous page, with the same other parameters"),
         ]]
     limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+             "schema": {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
                         "default": DEFAULT_LIST_LIMIT}}
     change_paths = {"/changes": {"get": {
         "operationId": "listChanges",
         "summary": "Every task at its latest change, in commit order",
         "description": "Follow nextCursor (always present) as after to get what changed "
-                       "since; deleted tasks are kept %d days." % DELETIONS_KEPT_DAYS,
+                       "since; deleted tasks are kept %d days." % DEFAULT_DELETIONS_KEPT_DAYS,
         "parameters": [{"name": "after", "in": "query", "required": False, "schema": cursor,
                         "description": "nextCursor of the previous call; without it, the "
                                        "oldest change kept"},
@@ -2895,10 +2926,10 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
         "summary": "The requests the server answered lately, newest first (the inspector)",
         "description": "Every request but the dashboard's and the inspector's own, with its "
                        "answer; the API key's value is [redacted]. Request bodies are cut "
-                       "at %d bytes, answers at %d." % (_INSPECT_BODY, _INSPECT_ANSWER),
+                       "at %d bytes, answers at %d." % (DEFAULT_INSPECT_BODY, DEFAULT_INSPECT_ANSWER),
         "parameters": [dict(limit, description="Requests to return",
                             schema={"type": "integer", "minimum": 1,
-                                    "maximum": MAX_LIST_LIMIT}),
+                                    "maximum": DEFAULT_MAX_LIST_LIMIT}),
                        {"name": "after", "in": "query", "required": False,
                         "description": "Only the requests right after this one (the oldest of "
                        "them first to go, newest first in the answer)",
@@ -2973,7 +3004,7 @@ def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
                         "description": "Retries with this key and the same body return the "
                                        "first response instead of creating another task "
                                        "(kept %d hours). Bare or quoted."
-                                       % (IDEMPOTENCY_TTL // 3600),
+                                       % (DEFAULT_IDEMPOTENCY_TTL // 3600),
                         "schema": {"type": "string",
                                    "pattern": '^("[!-~]{1,255}"|(?!".*"$)[!-~]{1,255})$'}}],
                     "requestBody": body("NewTask", "The task; unknown fields are ignored"),
@@ -3108,9 +3139,9 @@ def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
         users = _json_bytes(_check_users(users, "users"))
     key_environ = _environ_key(header)
     if isinstance(inspect, bool) or not isinstance(inspect, int) \
-            or not 0 <= inspect <= MAX_INSPECT:
+            or not 0 <= inspect <= DEFAULT_MAX_INSPECT:
         raise ValueError("inspect must be a whole number of requests from 0 (none) to %d"
-                         % MAX_INSPECT)
+                         % DEFAULT_MAX_INSPECT)
     keys = _parse_api_keys(api_keys)
     opened = not isinstance(db_path, TaskStore)
     store = TaskStore(db_path, busy_timeout=busy_timeout) if opened else db_path
@@ -3382,13 +3413,6 @@ app = _LazyApp()
 # line when its end arrives: the status of every answer is the same however
 # the bytes arrived.
 
-_MAX_REQUEST_LINE = 8 * 1024   # longer: 414
-_MAX_HEAD = 64 * 1024          # request line and fields together; longer: 431
-_MAX_HEADERS = 100             # more fields: 431
-_MAX_CHUNK_EXTENSIONS = 16 * 1024  # a body's chunk extensions, all together; more: 400
-_MAX_TRAILERS = 16 * 1024      # a chunked body's trailer section; larger: 431
-_MAX_CHUNK_SIZE_DIGITS = 16
-
 _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"  # RFC 9110 5.6.2
 # RFC 9112 3: method SP request-target SP HTTP-version, single spaces. The
 # target is visible ASCII; the version is checked apart, so HTTP/2.0 is a 505.
@@ -3408,7 +3432,7 @@ _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~!$&'()*+,;=%]*)(?::[0-9
 # RFC 9112 7.1: chunk-size [ chunk-ext ]. The whitespace RFC 9112 tolerates
 # before ";" is refused, as h11 does: a proxy may read such a line otherwise.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})(;[\t\x20-\x7e\x80-\xff]*)?"
-                         % _MAX_CHUNK_SIZE_DIGITS)
+                         % DEFAULT_MAX_CHUNK_SIZE_DIGITS)
 
 
 def _bad_request(message):
@@ -3514,10 +3538,10 @@ class _RequestReader:
         if self._head_size == 0 and not buffer.startswith(b"\r\n"):
             # Most heads arrive whole: split them at CRLF at once. The checks
             # are those of a head read line by line below, in the same order.
-            end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD)
+            end = buffer.find(b"\r\n\r\n", 0, DEFAULT_MAX_HEAD)
             if end > 0:
                 lines = buffer[:end].decode("latin-1").split("\r\n")
-                if len(lines[0]) <= _MAX_REQUEST_LINE:
+                if len(lines[0]) <= DEFAULT_MAX_REQUEST_LINE:
                     del buffer[:end + 4]
                     self._scanned = 0
                     self._request_line(lines[0])
@@ -3532,11 +3556,11 @@ class _RequestReader:
                 # stream was cut.
                 # The line's length with its CRLF, or the least it can be.
                 length = (lf if lf >= 0 else len(buffer)) + 1 - pos
-                if self._environ is None and length > _MAX_REQUEST_LINE + 2:
+                if self._environ is None and length > DEFAULT_MAX_REQUEST_LINE + 2:
                     raise _RequestError(414, "URI too long", "the request line is longer "
-                                       "than %d bytes" % _MAX_REQUEST_LINE)
-                if self._head_size + length > _MAX_HEAD:
-                    raise _too_large("the request head is larger than %d bytes" % _MAX_HEAD)
+                                       "than %d bytes" % DEFAULT_MAX_REQUEST_LINE)
+                if self._head_size + length > DEFAULT_MAX_HEAD:
+                    raise _too_large("the request head is larger than %d bytes" % DEFAULT_MAX_HEAD)
                 if lf < 0:
                     return False
                 self._head_size += length
@@ -3595,8 +3619,8 @@ class _RequestReader:
             if field is None:
                 raise _malformed(line, "malformed request header")
             fields += 1
-            if fields > _MAX_HEADERS:
-                raise _too_large("more than %d request headers" % _MAX_HEADERS)
+            if fields > DEFAULT_MAX_HEADERS:
+                raise _too_large("more than %d request headers" % DEFAULT_MAX_HEADERS)
             name, value = field.groups()
             if "_" in name:
                 # Dropped, as nginx and gunicorn do: WSGI spells "-" as "_", so
@@ -3696,13 +3720,13 @@ class _RequestReader:
                 lf = self._find_lf(pos)
                 length = (lf if lf >= 0 else len(buffer)) + 1 - pos  # as in _read_head
                 if self._trailers is None:  # a chunk-size line
-                    room = _MAX_CHUNK_SIZE_DIGITS + _MAX_CHUNK_EXTENSIONS - self._extensions
+                    room = DEFAULT_MAX_CHUNK_SIZE_DIGITS + DEFAULT_MAX_CHUNK_EXTENSIONS - self._extensions
                     if length > room + 2:
                         raise _bad_request("chunk extensions longer than %d bytes"
-                                           % _MAX_CHUNK_EXTENSIONS)
-                elif self._trailers + length > _MAX_TRAILERS:
+                                           % DEFAULT_MAX_CHUNK_EXTENSIONS)
+                elif self._trailers + length > DEFAULT_MAX_TRAILERS:
                     raise _too_large("the trailer section is larger than %d bytes"
-                                     % _MAX_TRAILERS)
+                                     % DEFAULT_MAX_TRAILERS)
                 if lf < 0:
                     return None
                 line = self._crlf_line(pos, lf)
@@ -3723,9 +3747,9 @@ class _RequestReader:
                 if chunk is None:
                     raise _bad_request("malformed chunk size")
                 self._extensions += len(line) - len(chunk.group(1))
-                if self._extensions > _MAX_CHUNK_EXTENSIONS:
+                if self._extensions > DEFAULT_MAX_CHUNK_EXTENSIONS:
                     raise _bad_request("chunk extensions longer than %d bytes"
-                                       % _MAX_CHUNK_EXTENSIONS)
+                                       % DEFAULT_MAX_CHUNK_EXTENSIONS)
                 size = int(chunk.group(1), 16)
                 if len(body) + size > self.max_body:
                     raise _body_too_large(self.max_body)
@@ -3741,9 +3765,7 @@ class _RequestReader:
 # HTTP server #################################################################
 ###############################################################################
 
-_LINGER_SECONDS = 2.0
 _LOG_WRITE = 4096      # bytes: PIPE_BUF on Linux, and the least POSIX allows
-_MAX_LOGGED_PATH = 500  # characters of a path in a log line; longer ones are cut
 # The most asyncio reads from a socket at once.
 _READ_SIZE = 256 * 1024
 _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")]
@@ -3752,11 +3774,6 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgra
 _READS = frozenset(("GET", "HEAD"))
 # How often requests that met another connection's write lock are run again.
 _LOCK_RETRY_INTERVAL = 0.002
-# A commit group (see TaskServer._handle) ends early after this many
-# responses or bytes of responses, so a burst of pipelined requests is
-# answered, and flow control sees the bytes, before they pile up.
-_GROUP_MAX_RESPONSES = 64
-_GROUP_MAX_BYTES = 1024 * 1024
 
 
 class _Connection(asyncio.Protocol):
@@ -3934,8 +3951,8 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.reader = _RequestReader({}, 0)  # nothing more is parsed
         server._budget(self)
-        self.linger_until = time.monotonic() + _LINGER_SECONDS
-        self._set_timer(_LINGER_SECONDS)
+        self.linger_until = time.monotonic() + DEFAULT_LINGER
+        self._set_timer(DEFAULT_LINGER)
         if self.starved:  # draining holds nothing: read on
             self.starved = False
             if not self.write_paused:
@@ -3985,7 +4002,7 @@ class TaskServer:
 
     def __init__(self, app, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                  max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
-                 keepalive_timeout=75.0, shutdown_timeout=10.0,
+                 keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_buffered=DEFAULT_MAX_BUFFERED,
                  ssl_context=None, log=None, commits=None, sock=None, name=None):
         """``sock``: a listening socket to serve instead of binding one (a
@@ -3997,7 +4014,7 @@ class TaskServer:
         self.shutdown_timeout = shutdown_timeout
         self.max_connections = max_connections
         # Never less than one whole request, or a large one could never finish.
-        self.max_buffered = max(max_buffered, max_body + _MAX_HEAD)
+        self.max_buffered = max(max_buffered, max_body + DEFAULT_MAX_HEAD)
         self._buffered = 0
         self._starved = collections.deque()  # in order of arrival
         self._arrivals = itertools.count()
@@ -4313,8 +4330,8 @@ class TaskServer:
         path = environ["PATH_INFO"]
         if not path.isprintable():
             path = path.encode("unicode_escape").decode("ascii")  # no forged log lines
-        if len(path) > _MAX_LOGGED_PATH:  # the line keeps its status and duration
-            path = path[:_MAX_LOGGED_PATH] + "..."
+        if len(path) > DEFAULT_MAX_LOGGED_PATH:  # the line keeps its status and duration
+            path = path[:DEFAULT_MAX_LOGGED_PATH] + "..."
         request = "%s %s %s" % (conn.peer, environ["REQUEST_METHOD"], path)
         elapsed = (time.perf_counter() - started) * 1000
         if self._group is None:
@@ -4325,7 +4342,7 @@ class TaskServer:
         self._held.append((conn, head + body, depends,
                            (keep_alive, http10, head_only), (request, status[:3], elapsed)))
         self._held_bytes += len(body)
-        if len(self._held) >= _GROUP_MAX_RESPONSES or self._held_bytes >= _GROUP_MAX_BYTES:
+        if len(self._held) >= DEFAULT_GROUP_MAX_RESPONSES or self._held_bytes >= DEFAULT_GROUP_MAX_BYTES:
             self._end_group()
 
     def _retry_parked(self):
@@ -4564,7 +4581,7 @@ def _expect_error_body(result, what):
             % (what, _seen(status, text)))
 
 
-def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=10.0, insecure=False,
+def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=DEFAULT_CHECK_TIMEOUT, insecure=False,
                        out=None, owner_id=None, contact_id=None, company_id=None):
     """Run Genesy's calls against the server at ``url``; print a line per check.
 
@@ -4886,7 +4903,7 @@ def _recorded_key_header(requests):
     return DEFAULT_HEADER
 
 
-def run_replay(path, url, key, header=None, timeout=10.0, insecure=False, out=None):
+def run_replay(path, url, key, header=None, timeout=DEFAULT_CHECK_TIMEOUT, insecure=False, out=None):
     """Send the requests recorded in ``path`` (--record) to the server at ``url``,
     in order, and compare each answer with the recorded one; print a line each.
 
@@ -5051,7 +5068,7 @@ def _build_parser():
                  % ("" if command is check else "; default: the one the recording shows"))
         option("db", command,
                "where to find a generated key when none is given, opened read-only")
-        command.add_argument("--timeout", type=_seconds, default=10.0,
+        command.add_argument("--timeout", type=_seconds, default=DEFAULT_CHECK_TIMEOUT,
                              help="seconds per request")
         command.add_argument("--insecure", action="store_true",
                              help="accept any TLS certificate (a self-signed test server)")
@@ -5153,7 +5170,7 @@ _OPTIONS = _options(
             app=False),
     _Option("request_timeout", DEFAULT_REQUEST_TIMEOUT, _seconds,
             "seconds for a request's head and body to arrive, else 408", app=False),
-    _Option("checkpoint_pages", WAL_CHECKPOINT_PAGES, _whole_number,
+    _Option("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES, _whole_number,
             "WAL pages past which a thread of the server copies it into the database "
             "and starts it over; 0 leaves checkpoints to another process, such as "
             "Litestream", app=False),
@@ -5363,12 +5380,6 @@ def main(argv=None):
             _remove_database(args.db)
 
 
-# A worker that exits within this many seconds of its start did not start: it
-# is tried again after a pause that doubles each time, up to the last figure;
-# when every worker has failed this many times in a row, the parent gives up.
-_WORKER_STARTED = 1.0
-_WORKER_RETRY = (0.5, 30.0)
-_WORKER_ATTEMPTS = 5
 
 
 def _app_for(args, store, api_keys, header):
@@ -5414,14 +5425,14 @@ def _supervise(count, start, request_timeout):
         number, started = children.pop(pid, (None, 0))
         if number is None or stopping:
             continue
-        failed = time.monotonic() - started < _WORKER_STARTED
+        failed = time.monotonic() - started < DEFAULT_WORKER_STARTED
         failures[number] = failures[number] + 1 if failed else 0
-        if min(failures.values()) >= _WORKER_ATTEMPTS:
+        if min(failures.values()) >= DEFAULT_WORKER_ATTEMPTS:
             _report(sys.stderr, "genesy-tasks: no worker could start, %d times each (see "
-                                "above); stopping\n" % _WORKER_ATTEMPTS)
+                                "above); stopping\n" % DEFAULT_WORKER_ATTEMPTS)
             status = 1
             break
-        pause = (min(_WORKER_RETRY[0] * 2 ** (failures[number] - 1), _WORKER_RETRY[1])
+        pause = (min(DEFAULT_WORKER_RETRY[0] * 2 ** (failures[number] - 1), DEFAULT_WORKER_RETRY[1])
                  if failed else 0.0)
         _report(sys.stderr, "genesy-tasks: worker %d (pid %d) %s; starting another%s\n"
                 % (number, pid, _exit_status(wait_status),

@@ -1123,16 +1123,16 @@ def test_a_failed_commit_of_a_group_rolls_it_back(db_path):
 
 
 def test_the_wal_stays_bounded_under_continuous_writes(db_path):
-    # SQLite's own checkpoints, once the WAL passes WAL_CHECKPOINT_PAGES, keep
+    # SQLite's own checkpoints, once the WAL passes DEFAULT_CHECKPOINT_PAGES, keep
     # it bounded; a checkpointer that never lets the log restart would grow it
     # without end. These writes fill the WAL more than twice over.
     with TaskStore(db_path) as store:
         for n in range(8000):
             store.create({"subject": "write %d" % n, "contactId": "contact-%d" % n})
         frames = (os.path.getsize(db_path + "-wal") - 32) // (4096 + 24)
-        assert frames < genesy_tasks.WAL_CHECKPOINT_PAGES + 50
+        assert frames < genesy_tasks.DEFAULT_CHECKPOINT_PAGES + 50
         checkpointed = store._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        assert checkpointed[1] < genesy_tasks.WAL_CHECKPOINT_PAGES + 50
+        assert checkpointed[1] < genesy_tasks.DEFAULT_CHECKPOINT_PAGES + 50
 
 
 def test_tasks_persist_across_reopening(db_path):
@@ -1398,7 +1398,7 @@ def test_connections_of_finished_threads_are_reused_then_closed(store):
     thread = threading.Thread(target=read)
     thread.start()
     thread.join()
-    assert len(store._owners) + len(store._idle) <= genesy_tasks._IDLE_CONNECTIONS + 1
+    assert len(store._owners) + len(store._idle) <= genesy_tasks.DEFAULT_IDLE_CONNECTIONS + 1
 
 
 def test_importing_the_module_creates_no_file(tmp_path):
@@ -1515,7 +1515,7 @@ def test_the_feed_stays_as_large_as_the_tasks_plus_recent_deletions(store, db_pa
             return conn.execute("SELECT count(*) FROM genesy_changes").fetchone()[0]
 
     assert rows() == 30  # 20 tasks, 10 deletions
-    # Deletions older than DELETIONS_KEPT_DAYS go at the next deletion, and a
+    # Deletions older than DEFAULT_DELETIONS_KEPT_DAYS go at the next deletion, and a
     # cursor from before them is refused: it may have missed one.
     old_cursor = _follow(store, limit=500)[1]
     stale = store.changes(limit=1)["nextCursor"]
@@ -2309,7 +2309,7 @@ def test_with_the_inspector_off_get_requests_is_a_json_404(db_path):
     assert application.inspector is None
     assert "/requests" not in client.get("/openapi.json").json["paths"]
     application.close()
-    for wrong in (-1, genesy_tasks.MAX_INSPECT + 1, True):
+    for wrong in (-1, genesy_tasks.DEFAULT_MAX_INSPECT + 1, True):
         with pytest.raises(ValueError, match="inspect"):
             make_app(db_path, api_keys=KEY, inspect=wrong)
 
@@ -4359,7 +4359,7 @@ def test_the_event_loop_never_waits_on_sqlite_nor_runs_checkpoints(tasks_app, st
     conn = store._connection()
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(store.busy_timeout * 1000)
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
-        genesy_tasks.WAL_CHECKPOINT_PAGES
+        genesy_tasks.DEFAULT_CHECKPOINT_PAGES
 
 
 def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
