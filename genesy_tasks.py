@@ -582,7 +582,8 @@ _CURSOR = re.compile(r"[0-9]{1,18}")
 def _check_limit(limit):
     if isinstance(limit, bool) or not isinstance(limit, int) \
             or not 1 <= limit <= DEFAULT_MAX_LIST_LIMIT:
-        raise TaskValidationError("limit must be a whole number from 1 to %d" % DEFAULT_MAX_LIST_LIMIT)
+        raise TaskValidationError("limit must be a whole number from 1 to %d"
+                                  % DEFAULT_MAX_LIST_LIMIT)
 
 
 def _decode_cursor(cursor, name="cursor"):
@@ -862,7 +863,7 @@ class TaskStore:
         the others when the group finishes. With ``one_statement`` (the block
         changes the database with one statement at most, and raises nothing
         after it) it needs no savepoint: SQLite undoes a failed statement by
-        itself, and the SAVEPOINT and RELEASE would cost 5 to 9 µs a write.
+        itself, and a SAVEPOINT and RELEASE would add two statements to every write.
         """
         conn = self._connection()
         group = getattr(self._local, "group", None)
@@ -1096,8 +1097,8 @@ class TaskStore:
             return  # the usual case needs no write lock, so a busy CRM cannot stop a start
         conn.create_function("genesy_utc_instant", 1, _utc_instant_or_null, deterministic=True)
         with self._write():
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS genesy_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute("CREATE TABLE IF NOT EXISTS genesy_meta "
+                         "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             # Read again inside the lock: another process may have migrated meanwhile.
             version = self._schema_version(conn)
             if version is None:
@@ -1317,7 +1318,8 @@ class TaskStore:
         """One page of tasks as JSON: ``{"tasks": [...], "nextCursor": str or null}``.
 
         ``owner_id``, ``contact_id``, ``company_id`` and ``type`` (the columns
-        of the fields that filter, see _FIELDS) match exactly; ``completed`` is True, False or None (both);
+        of the fields that filter, see _FIELDS) match exactly; ``completed``
+        is True, False or None (both);
         ``due_before`` (exclusive) and ``due_after`` (inclusive) are ISO 8601 and
         compare instants, leaving out tasks without a dueDate. ``order`` is
         "newest" (creation, newest first) or "oldest". Pass the returned
@@ -1743,7 +1745,7 @@ class _Checkpointer(threading.Thread):
 
 
 ###############################################################################
-# HTTP application ############################################################
+# Application: the routes, auth, errors and the request inspector #############
 ###############################################################################
 
 _JSON_MEDIA_TYPES = ("application/json",)
@@ -2385,731 +2387,6 @@ def _environ_key(header):
 _DASHBOARD_ENVIRON = _environ_key(_DASHBOARD_HEADER)
 
 
-# The dashboard at GET /: one page, no build step, nothing fetched from
-# elsewhere. Task fields are untrusted, so the script only ever puts them in
-# the page as text (textContent, attribute values), never as HTML, and the
-# Content-Security-Policy allows this page's own script and style only.
-_DASHBOARD_STYLE = """
-:root { color-scheme: light dark; --line: #8884; --muted: #888; }
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1rem; }
-header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; }
-h1 { font-size: 1.3rem; margin: 0 1rem 0 0; }
-form { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin: 1rem 0; }
-input, select, button { font: inherit; padding: .3rem .5rem; }
-button { cursor: pointer; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; vertical-align: top; padding: .4rem;
-         border-bottom: 1px solid var(--line); }
-th { font-weight: 600; }
-th, .ownerId, .contactId, .companyId, .dueDate, .createdAt, .completedAt { white-space: nowrap; }
-tr.done .subject { text-decoration: line-through; color: var(--muted); }
-.id, .description, #status, .empty { color: var(--muted); }
-.id { font: 12px ui-monospace, monospace; white-space: nowrap; }
-.description { white-space: pre-wrap; }
-.error { color: #c53030; }
-nav { display: flex; gap: .25rem; }
-nav button[aria-pressed="true"] { font-weight: 600; }
-#request-list { list-style: none; padding: 0; margin: 0; }
-#request-list li { border-bottom: 1px solid var(--line); }
-#request-list summary { cursor: pointer; padding: .35rem 0; display: flex; gap: .75rem; }
-.method { font-weight: 600; min-width: 4.5em; }
-.target { font-family: ui-monospace, monospace; word-break: break-all; flex: 1; }
-.status-2 { color: #2f855a; } .status-3 { color: #2b6cb0; }
-.status-4 { color: #c05621; } .status-5 { color: #c53030; }
-.time, .duration, .note { color: var(--muted); white-space: nowrap; }
-.exchange { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; padding: 0 0 .75rem; }
-.exchange h3 { font-size: .9rem; margin: .5rem 0 .25rem; }
-.exchange table { font: 12px ui-monospace, monospace; }
-.exchange th, .exchange td { padding: .1rem .4rem; word-break: break-all; }
-pre { font: 12px ui-monospace, monospace; white-space: pre-wrap; word-break: break-all;
-      margin: 0; padding: .5rem; background: #8881; max-height: 30rem; overflow: auto; }
-[hidden] { display: none !important; }
-"""
-
-_DASHBOARD_SCRIPT = """
-"use strict";
-const base = document.body.dataset.base, keyHeader = document.body.dataset.keyHeader;
-const storageKey = "genesy-tasks-api-key";
-const $ = (id) => document.getElementById(id);
-const columns = JSON.parse(document.body.dataset.columns);  // the fields shown
-let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
-const opened = new Set();  // the requests shown expanded, kept so across refreshes
-let seen = [];             // the requests fetched so far, newest first
-
-class Unauthorized extends Error {}
-
-async function call(method, path, body) {
-  // The inspector leaves out the dashboard's own requests: it says who it is.
-  const headers = {"Accept": "application/json", "X-Genesy-Dashboard": "1"};
-  headers[keyHeader] = sessionStorage.getItem(storageKey) || "";
-  const init = {method, headers, cache: "no-store", credentials: "omit"};
-  if (body !== undefined) {
-    headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  const response = await fetch(base + path, init);
-  if (response.status === 401) throw new Unauthorized();
-  const data = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error(data && data.message ? data.message : response.statusText);
-  return data;
-}
-
-function showLogin(message) {
-  clearTimeout(timer);
-  clearTimeout(requestsTimer);
-  sessionStorage.removeItem(storageKey);
-  $("tasks-view").hidden = true;
-  $("requests-view").hidden = true;
-  $("views").hidden = true;
-  $("login").hidden = false;
-  $("login-error").textContent = message || "";
-  $("key").value = "";
-  $("key").focus();
-}
-
-function failed(error, what) {
-  if (error instanceof Unauthorized) {
-    showLogin("The server refused that key.");
-  } else {
-    $("status").textContent = what + ": " + error.message;
-    $("status").className = "error";
-  }
-}
-
-function updated() {
-  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
-  $("status").className = "";
-}
-
-function cell(row, text, className) {
-  const td = document.createElement("td");
-  td.textContent = text === null || text === undefined ? "" : String(text);
-  if (className) td.className = className;
-  row.appendChild(td);
-  return td;
-}
-
-function textBlock(className, text) {
-  const div = document.createElement("div");
-  div.className = className;
-  div.textContent = text;
-  return div;
-}
-
-function render(page) {
-  const body = document.createElement("tbody");
-  body.id = "rows";
-  const owners = new Set();
-  for (const task of page.tasks) {
-    const row = document.createElement("tr");
-    row.dataset.taskId = task.id;
-    if (task.completed) row.className = "done";
-    const first = cell(row, "", "");
-    first.append(textBlock("subject", task.subject), textBlock("id", task.id));
-    if (task.description) first.append(textBlock("description", task.description));
-    for (const name of columns) cell(row, task[name], name);
-    const action = document.createElement("button");
-    action.type = "button";
-    action.className = "toggle";
-    action.textContent = task.completed ? "Reopen" : "Complete";
-    action.addEventListener("click", () => toggle(task, action));
-    row.appendChild(document.createElement("td")).appendChild(action);
-    body.appendChild(row);
-    if (task.ownerId) owners.add(task.ownerId);
-  }
-  $("rows").replaceWith(body);
-  $("empty").hidden = page.tasks.length > 0;
-  $("more").hidden = !page.nextCursor || pageSize >= 500;
-  const list = $("owners");
-  for (const owner of owners) {
-    if (![...list.options].some((option) => option.value === owner)) {
-      const option = document.createElement("option");
-      option.value = owner;
-      list.appendChild(option);
-    }
-  }
-}
-
-async function refresh() {
-  clearTimeout(timer);
-  const query = new URLSearchParams({limit: String(pageSize)});
-  const state = $("state").value;
-  if (state !== "all") query.set("completed", state === "completed" ? "true" : "false");
-  const owner = $("owner").value.trim();
-  if (owner) query.set("ownerId", owner);
-  try {
-    render(await call("GET", "/tasks?" + query));
-    updated();
-  } catch (error) {
-    failed(error, "Could not refresh");
-    if (error instanceof Unauthorized) return;
-  }
-  if (view === "tasks") timer = setTimeout(refresh, 2000);
-}
-
-async function toggle(task, button) {
-  button.disabled = true;
-  try {
-    await call("PATCH", "/tasks/" + encodeURIComponent(task.id), {completed: !task.completed});
-  } catch (error) {
-    failed(error, "Could not update the task");
-  }
-  if (sessionStorage.getItem(storageKey)) refresh();
-}
-
-
-function show(name) {
-  view = name;
-  clearTimeout(timer);
-  clearTimeout(requestsTimer);
-  $("login").hidden = true;
-  $("views").hidden = false;
-  $("tasks-view").hidden = name !== "tasks";
-  $("requests-view").hidden = name !== "requests";
-  $("show-tasks").setAttribute("aria-pressed", String(name === "tasks"));
-  $("show-requests").setAttribute("aria-pressed", String(name === "requests"));
-  if (name === "tasks") refresh(); else refreshRequests();
-}
-
-function pretty(text) {
-  if (text === null || text === undefined || text === "") return "(empty)";
-  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (error) { return text; }
-}
-
-function headerTable(headers) {
-  const table = document.createElement("table");
-  for (const [name, value] of Object.entries(headers || {})) {
-    const row = table.insertRow();
-    cell(row, name, "");
-    cell(row, value, "");
-  }
-  return table;
-}
-
-function side(title, message, limitNote) {
-  const div = document.createElement("div");
-  const heading = document.createElement("h3");
-  heading.textContent = title;
-  const body = document.createElement("pre");
-  body.textContent = pretty(message.body);
-  div.append(heading, headerTable(message.headers), body);
-  if (message.truncated) {
-    div.append(textBlock("note", "Cut: " + limitNote + " of " + message.bytes + " bytes shown."));
-  }
-  return div;
-}
-
-function requestItem(entry) {
-  // Request bodies come from anyone who can reach the server: text only.
-  const item = document.createElement("li");
-  const details = document.createElement("details");
-  details.dataset.requestId = String(entry.id);
-  details.open = opened.has(entry.id);
-  details.addEventListener("toggle", () => {
-    if (details.open) opened.add(entry.id); else opened.delete(entry.id);
-  });
-  const summary = document.createElement("summary");
-  const status = entry.response.status;
-  for (const [className, text] of [
-      ["time", new Date(entry.time).toLocaleTimeString()], ["method", entry.method],
-      ["target", entry.path], ["status status-" + String(status)[0], String(status)],
-      ["duration", entry.durationMs.toFixed(1) + " ms"]]) {
-    const span = document.createElement("span");
-    span.className = className;
-    span.textContent = text;
-    summary.appendChild(span);
-  }
-  const exchange = document.createElement("div");
-  exchange.className = "exchange";
-  exchange.append(side("Request", entry.request, "the first 64 KiB"),
-                  side("Answer", entry.response, "the first 4 KiB"));
-  details.append(summary, exchange);
-  item.appendChild(details);
-  return item;
-}
-
-function renderRequests() {
-  const statusClass = $("status-class").value, pathPart = $("path-filter").value.trim();
-  const list = document.createElement("ol");
-  list.id = "request-list";
-  for (const entry of seen) {
-    if (statusClass !== "all" && String(entry.response.status)[0] !== statusClass) continue;
-    if (pathPart && !entry.path.includes(pathPart)) continue;
-    list.appendChild(requestItem(entry));
-  }
-  $("request-list").replaceWith(list);
-  $("no-requests").hidden = seen.length > 0;
-  $("no-match").hidden = !seen.length || list.children.length > 0;
-}
-
-let loadingRequests = false;
-
-async function refreshRequests() {
-  // Only what is new since the last look: the page keeps the rest.
-  clearTimeout(requestsTimer);
-  if (loadingRequests) return;  // one look at a time: each would add the same ones
-  loadingRequests = true;
-  const query = seen.length ? "?limit=500&after=" + seen[0].id : "?limit=200";
-  try {
-    const page = await call("GET", "/requests" + query);
-    if (page.requests.length || !seen.length) {
-      seen = page.requests.concat(seen).slice(0, 500);
-      renderRequests();
-    }
-    updated();
-  } catch (error) {
-    failed(error, "Could not load the requests");
-    // Unauthorized: the login form is back. Off (--inspect 0): nothing to wait for.
-    if (error instanceof Unauthorized || error.message.includes("--inspect 0")) {
-      loadingRequests = false;
-      return;
-    }
-  }
-  loadingRequests = false;
-  if (view === "requests") requestsTimer = setTimeout(refreshRequests, 1000);
-}
-
-$("header-name").textContent = keyHeader;
-$("show-tasks").addEventListener("click", () => show("tasks"));
-$("show-requests").addEventListener("click", () => show("requests"));
-$("request-filters").addEventListener("submit", (event) => {
-  event.preventDefault();
-  renderRequests();
-});
-$("status-class").addEventListener("change", renderRequests);
-$("path-filter").addEventListener("input", renderRequests);
-$("login").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  sessionStorage.setItem(storageKey, $("key").value.trim());
-  try {
-    await call("GET", "/tasks?limit=1");
-  } catch (error) {
-    if (error instanceof Unauthorized) return showLogin("The server refused that key.");
-    $("login-error").textContent = "Could not reach the server: " + error.message;
-    return;
-  }
-  show("tasks");
-});
-$("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
-$("state").addEventListener("change", refresh);
-$("owner").addEventListener("change", refresh);
-$("forget").addEventListener("click", () => showLogin("Key forgotten."));
-$("more").addEventListener("click", () => { pageSize = Math.min(pageSize + 100, 500); refresh(); });
-if (sessionStorage.getItem(storageKey)) {
-  show("tasks");
-} else {
-  showLogin("");
-}
-"""
-
-_DASHBOARD_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>genesy-tasks</title>
-<link rel="icon" href="data:,">
-<style>%(style)s</style>
-</head>
-<body data-base="%(base)s" data-key-header="%(header)s" data-columns="%(columns)s">
-<header><h1>genesy-tasks</h1>
-  <nav id="views" hidden><button type="button" id="show-tasks" aria-pressed="true">Tasks</button>
-    <button type="button" id="show-requests" aria-pressed="false">Requests</button></nav>
-  <span id="status" role="status"></span></header>
-<form id="login" hidden method="post" action="#">
-  <label>API key (sent in the <code id="header-name"></code> header)
-    <input id="key" type="password" autocomplete="off" required></label>
-  <button type="submit">Open</button>
-  <span id="login-error" class="error" role="alert"></span>
-</form>
-<main id="tasks-view" hidden>
-  <form id="filters" method="post" action="#">
-    <label>Show <select id="state">
-      <option value="all">all tasks</option>
-      <option value="open">open tasks</option>
-      <option value="completed">completed tasks</option>
-    </select></label>
-    <label>Owner <input id="owner" list="owners" placeholder="any ownerId"></label>
-    <datalist id="owners"></datalist>
-    <button type="submit">Filter</button>
-    <button type="button" id="forget">Forget key</button>
-  </form>
-  <table>
-    <thead><tr><th>Subject</th><th>Type</th><th>Owner</th><th>Contact</th>
-      <th>Company</th><th>Due</th><th>Created</th><th>Completed</th><th></th></tr></thead>
-    <tbody id="rows"></tbody>
-  </table>
-  <p id="empty" class="empty" hidden>No tasks here yet. Tasks Genesy creates appear within
-    a few seconds.</p>
-  <p><button type="button" id="more" hidden>Show more</button></p>
-</main>
-<main id="requests-view" hidden>
-  <form id="request-filters" method="post" action="#">
-    <label>Show <select id="status-class">
-      <option value="all">all answers</option>
-      <option value="2">2xx</option>
-      <option value="3">3xx</option>
-      <option value="4">4xx</option>
-      <option value="5">5xx</option>
-    </select></label>
-    <label>Path <input id="path-filter" placeholder="part of the path, e.g. /tasks/batch"></label>
-  </form>
-  <ol id="request-list"></ol>
-  <p id="no-match" class="empty" hidden>No request kept matches these filters.</p>
-  <p id="no-requests" class="empty" hidden>No requests yet. Every request Genesy (or anyone)
-    sends appears here within a second, with its headers, its body and the answer.</p>
-</main>
-<script>%(script)s</script>
-</body>
-</html>
-"""
-
-
-def _csp_hash(source):
-    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
-
-
-_DASHBOARD_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-        % (_csp_hash(_DASHBOARD_SCRIPT), _csp_hash(_DASHBOARD_STYLE))),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-def _dashboard_page(header=DEFAULT_HEADER, base_path=""):
-    """The dashboard's HTML for an app reached at ``base_path`` with this key header."""
-    return (_DASHBOARD_PAGE % {
-        "style": _DASHBOARD_STYLE, "script": _DASHBOARD_SCRIPT,
-        "base": html.escape(base_path), "header": html.escape(header),
-        "columns": html.escape(json.dumps([field.name for field in _FIELDS if field.shown])),
-    }).encode("utf-8")
-
-
-def _error_responses(*statuses):
-    return {str(status): {"$ref": "#/components/responses/%d" % status}
-            for status in statuses + (401, 500, 503)}
-
-
-_ERROR_DESCRIPTIONS = {
-    400: "Invalid request: bad JSON, a field or parameter that breaks the contract",
-    401: "Missing or invalid API key",
-    404: "No task with this id",
-    405: "The method is not allowed here: the task id \"batch\" names the batch path; "
-         "the Allow header lists the methods that are",
-    410: "The change feed cursor is older than the deletions kept; start again without after",
-    413: "Request body or batch too large",
-    415: "Request body not declared as JSON",
-    422: "Idempotency-Key reused with a different request body",
-    500: "Unexpected failure; the traceback is logged, never sent",
-    503: "The task database is unavailable (locked, read-only, disk full); retry",
-}
-
-
-def _iso8601_pattern(date_separator, time_separator):
-    """A regular expression for exactly the dates and times _is_iso8601 accepts,
-    in one format (extended: "-" and ":"; basic: none), leap days included."""
-    # Years 0001 to 9999; leap years are those divisible by 4, but of the
-    # centuries only those divisible by 400.
-    year = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
-    leap_year = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([13579][26]|[2468][048]|0[48])00)"
-    d = date_separator
-    date = ("(%(year)s%(d)s((0[1-9]|1[0-2])%(d)s(0[1-9]|1[0-9]|2[0-8])"
-            "|(0[13-9]|1[0-2])%(d)s(29|30)|(0[13578]|1[02])%(d)s31)"
-            "|%(leap)s%(d)s02%(d)s29)" % {"year": year, "d": d, "leap": leap_year})
-    t = time_separator
-    hour, minute = "([01][0-9]|2[0-3])", "[0-5][0-9]"
-    offset = "[+-]%s(%s%s)?" % (hour, ":?" if t else "", minute)
-    time_of_day = "[Tt]%s%s%s(%s([0-5][0-9]|60)([.,][0-9]+)?)?([Zz]|%s)?" % (
-        hour, t, minute, t, offset)
-    return "%s(%s)?" % (date, time_of_day)
-
-
-def _value_schema(schema):
-    """The OpenAPI schema of a field's value from its type in _FIELDS."""
-    kind = schema.rstrip("?")
-    value = {"type": "string", "format": kind} if kind == "date-time" else {"type": kind}
-    if schema.endswith("?"):
-        value["type"] = [value["type"], "null"]
-    return value
-
-
-def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
-                     max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False, inspect=True):
-    """The OpenAPI 3.1 description of the routes :func:`make_app` serves
-    (``users``, ``inspect``: whether it serves GET /users, GET /requests)."""
-    iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
-    inputs = {  # what a client may send, by the field's input
-        "required": {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"},
-        "text": {"type": ["string", "null"]},
-        "date": {"type": ["string", "null"], "pattern": iso8601,
-                 "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"},
-        "flag": {"type": "boolean"},
-    }
-    timestamp = _value_schema("date-time")
-    new_task = {field.name: dict(inputs[field.input]) for field in _CREATE_FIELDS}
-    task_changes = {field.name: dict(inputs[field.input]) for field in _UPDATE_FIELDS}
-    ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
-    cursor = {"type": "string", "pattern": "^%s$" % _CURSOR.pattern}
-
-    def body(schema_name, description):
-        return {"required": True, "description": description, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/" + schema_name}}}}
-
-    def json_response(description, schema, headers=None):
-        response = {"description": description,
-                    "content": {"application/json": {"schema": schema}}}
-        if headers:
-            response["headers"] = headers
-        return response
-
-    task = {"$ref": "#/components/schemas/Task"}
-    tasks = {"type": "array", "items": task}
-    task_id = {"name": "taskId", "in": "path", "required": True,
-               "schema": {"type": "string", "pattern": "^[^/]+$", "not": {"const": "batch"}}}
-    list_parameters = [
-        {"name": name, "in": "query", "required": False, "schema": schema,
-         "description": description}
-        for name, schema, description in [
-            (name, {"type": "string"}, "Only tasks with this %s" % name) for name in _FILTERS
-        ] + [
-            ("completed", {"type": "boolean"}, "Only completed (true) or open (false) tasks"),
-            ("dueBefore", {"type": "string", "pattern": iso8601},
-             "Only tasks due before this instant (exclusive)"),
-            ("dueAfter", {"type": "string", "pattern": iso8601},
-             "Only tasks due at or after this instant"),
-            ("order", {"type": "string", "enum": ["newest", "oldest"], "default": "newest"},
-             "Creation order"),
-            ("limit", {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
-                       "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
-            ("cursor", cursor,
-             "nextCursor of the previous page, with the same other parameters"),
-        ]]
-    limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
-                        "default": DEFAULT_LIST_LIMIT}}
-    change_paths = {"/changes": {"get": {
-        "operationId": "listChanges",
-        "summary": "Every task at its latest change, in commit order",
-        "description": "Follow nextCursor (always present) as after to get what changed "
-                       "since; deleted tasks are kept %d days." % DEFAULT_DELETIONS_KEPT_DAYS,
-        "parameters": [{"name": "after", "in": "query", "required": False, "schema": cursor,
-                        "description": "nextCursor of the previous call; without it, the "
-                                       "oldest change kept"},
-                       dict(limit, description="Changes per page")],
-        "responses": {"200": json_response("One page of changes", {
-            "type": "object", "required": ["changes", "nextCursor"],
-            "additionalProperties": False,
-            "properties": {"nextCursor": cursor, "changes": {"type": "array", "items": {
-                "type": "object", "required": ["taskId", "change", "task", "at"],
-                "additionalProperties": False,
-                "properties": {
-                    "taskId": {"type": "string"},
-                    "change": {"enum": ["create", "update", "delete"]},
-                    "task": {"oneOf": [task, {"type": "null"}]},
-                    "at": timestamp}}}}}),
-            **_error_responses(400, 410)},
-    }}}
-    message = {"type": "object", "required": ["headers", "body", "bytes", "truncated"],
-               "properties": {"headers": {"type": "object",
-                                          "additionalProperties": {"type": "string"}},
-                              "body": {"type": ["string", "null"]},
-                              "bytes": {"type": "integer", "minimum": 0},
-                              "truncated": {"type": "boolean"}}}
-    requests_path = {"get": {
-        "operationId": "listRequests",
-        "summary": "The requests the server answered lately, newest first (the inspector)",
-        "description": "Every request but the dashboard's and the inspector's own, with its "
-                       "answer; the API key's value is [redacted]. Request bodies are cut "
-                       "at %d bytes, answers at %d." % (DEFAULT_INSPECT_BODY, DEFAULT_INSPECT_ANSWER),
-        "parameters": [dict(limit, description="Requests to return",
-                            schema={"type": "integer", "minimum": 1,
-                                    "maximum": DEFAULT_MAX_LIST_LIMIT}),
-                       {"name": "after", "in": "query", "required": False,
-                        "description": "Only the requests right after this one (the oldest of "
-                       "them first to go, newest first in the answer)",
-                        "schema": {"type": "integer", "minimum": 0,
-                                   "maximum": 10 ** 18 - 1}}],
-        "responses": {"200": json_response("The requests", {
-            "type": "object", "required": ["requests"], "additionalProperties": False,
-            "properties": {"requests": {"type": "array", "items": {
-                "type": "object",
-                "required": ["id", "time", "method", "path", "request", "response",
-                             "durationMs"],
-                "properties": {
-                    "id": {"type": "integer"}, "time": timestamp,
-                    "method": {"type": "string"}, "path": {"type": "string"},
-                    "durationMs": {"type": "number"},
-                    "request": message,
-                    "response": {"allOf": [message, {
-                        "type": "object", "required": ["status"],
-                        "properties": {"status": {"type": "integer"}}}]}}}}}}),
-            **_error_responses(400)},
-    }}
-    if inspect:
-        change_paths["/requests"] = requests_path
-    if users:
-        change_paths["/users"] = {"get": {
-            "operationId": "listUsers",
-            "summary": "The users Genesy offers as task owners (their id is a task's ownerId)",
-            "responses": {"200": json_response("The users", {
-                "type": "array", "items": {
-                    "type": "object", "required": ["id", "name"],
-                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                   "email": {"type": "string"}}}}),
-                **_error_responses()},
-        }}
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Genesy Tasks API (genesy-tasks)",
-            "version": __version__,
-            "description": (
-                "The Tasks endpoints Genesy calls on a CRM, plus listing and deleting. "
-                "Every error body is {\"error\": title, \"message\": cause}. A method a "
-                "path does not support is a 405 with an Allow header; an unknown path "
-                "is a 404. Request bodies are limited to %d bytes and batches to %d ids."
-                % (max_body, max_batch)),
-        },
-        "servers": [{"url": base_path}],
-        "security": [{"apiKey": []}],
-        "paths": {
-            "/health": {"get": {
-                "operationId": "health", "summary": "Health check for Genesy",
-                "responses": {"200": json_response("Serving", {
-                    "type": "object", "required": ["status"],
-                    "properties": {"status": {"const": "ok"}}}),
-                    **_error_responses()},
-            }},
-            "/tasks": {
-                "get": {
-                    "operationId": "listTasks", "summary": "List tasks, newest first",
-                    "parameters": list_parameters,
-                    "responses": {"200": json_response("One page of tasks", {
-                        "type": "object", "required": ["tasks", "nextCursor"],
-                        "additionalProperties": False,
-                        "properties": {"tasks": tasks,
-                                       "nextCursor": dict(cursor, type=["string", "null"])}}),
-                        **_error_responses(400)},
-                },
-                "post": {
-                    "operationId": "createTask", "summary": "Create a task",
-                    "parameters": [{
-                        "name": "Idempotency-Key", "in": "header", "required": False,
-                        "description": "Retries with this key and the same body return the "
-                                       "first response instead of creating another task "
-                                       "(kept %d hours). Bare or quoted."
-                                       % (DEFAULT_IDEMPOTENCY_TTL // 3600),
-                        "schema": {"type": "string",
-                                   "pattern": '^("[!-~]{1,255}"|(?!".*"$)[!-~]{1,255})$'}}],
-                    "requestBody": body("NewTask", "The task; unknown fields are ignored"),
-                    "responses": {"201": json_response("Created", task, {
-                        "Location": {"description": "The task's URL",
-                                     "schema": {"type": "string"}},
-                        "Idempotent-Replayed": {
-                            "description": "true when this is a stored earlier response",
-                            "schema": {"type": "string", "enum": ["true"]}}}),
-                        **_error_responses(400, 413, 415, 422)},
-                },
-            },
-            "/tasks/batch": {
-                "post": {
-                    "operationId": "getTasksBatch", "summary": "Get many tasks",
-                    "requestBody": body("BatchGet", "The ids to fetch"),
-                    "responses": {"200": json_response(
-                        "The tasks found, in request order, each once; unknown ids omitted",
-                        tasks), **_error_responses(400, 413, 415)},
-                },
-                "patch": {
-                    "operationId": "completeTasksBatch",
-                    "summary": "Complete (or reopen) many tasks in one transaction",
-                    "requestBody": body("BatchComplete", "The ids and the completed state"),
-                    "responses": {"200": json_response(
-                        "The tasks found, updated, in request order; unknown ids omitted",
-                        tasks), **_error_responses(400, 413, 415)},
-                },
-            },
-            "/tasks/{taskId}": {
-                "parameters": [task_id],
-                "get": {
-                    "operationId": "getTask", "summary": "Get a task",
-                    "responses": {"200": json_response("The task", task),
-                                  **_error_responses(404, 405)},
-                },
-                "patch": {
-                    "operationId": "updateTask",
-                    "summary": "Update a task: complete, reopen, or change fields",
-                    "requestBody": body("TaskChanges", "The fields to change"),
-                    "responses": {"200": json_response("The updated task", task),
-                                  **_error_responses(400, 404, 413, 415)},
-                },
-                "delete": {
-                    "operationId": "deleteTask", "summary": "Delete a task",
-                    "responses": {"204": {"description": "Deleted"},
-                                  **_error_responses(404, 405)},
-                },
-            },
-            **change_paths,
-            "/openapi.json": {"get": {
-                "operationId": "openapi", "summary": "This document", "security": [],
-                "responses": {"200": json_response("OpenAPI 3.1", {"type": "object"})},
-            }},
-            "/": {"get": {
-                "operationId": "dashboard", "security": [],
-                "summary": "A page to watch and complete tasks; it asks for the key",
-                "responses": {"200": {"description": "The dashboard",
-                                      "content": {"text/html": {"schema": {"type": "string"}}}}},
-            }},
-        },
-        "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": header}},
-            "schemas": {
-                "Task": {
-                    "type": "object", "required": list(TASK_FIELDS),
-                    "additionalProperties": False,
-                    "properties": {field.name: _value_schema(field.schema)
-                                   for field in _FIELDS},
-                },
-                "NewTask": {
-                    "type": "object",
-                    "required": [field.name for field in _CREATE_FIELDS
-                                 if field.input == "required"],
-                    "properties": new_task,
-                },
-                "TaskChanges": {
-                    "type": "object",
-                    "description": "At least one known field; completed true keeps the "
-                                   "first completedAt, false reopens",
-                    "properties": task_changes,
-                    "anyOf": [{"required": [name]} for name in task_changes],
-                },
-                "BatchGet": {
-                    "type": "object", "required": ["ids"], "properties": {"ids": ids},
-                },
-                "BatchComplete": {
-                    "type": "object", "required": ["ids", "completed"],
-                    "properties": {"ids": ids, "completed": {"type": "boolean"}},
-                },
-                "Error": {
-                    "type": "object", "required": ["error", "message"],
-                    "additionalProperties": False,
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-                },
-            },
-            "responses": {
-                str(status): json_response(description, {"$ref": "#/components/schemas/Error"},
-                                           {"Retry-After": {"schema": {"type": "string"}}}
-                                           if status == 503 else None)
-                for status, description in _ERROR_DESCRIPTIONS.items()},
-        },
-    }
-
-
 def make_app(db_path, api_keys=None, header=DEFAULT_HEADER,
              max_body=DEFAULT_MAX_BODY, max_batch=DEFAULT_MAX_BATCH,
              busy_timeout=DEFAULT_BUSY_TIMEOUT, users=None, validate=None,
@@ -3402,8 +2679,10 @@ app = _LazyApp()
 
 
 ###############################################################################
-# HTTP/1.1 request parsing ####################################################
+# Server: HTTP/1.1 on an event loop, one thread ###############################
 ###############################################################################
+
+# -- HTTP/1.1 request parsing ----------------------------------------------------
 
 # The request parser is the server's security boundary: a proxy in front of it
 # must never disagree with it about where a request ends. It follows RFC 9112
@@ -3720,7 +2999,8 @@ class _RequestReader:
                 lf = self._find_lf(pos)
                 length = (lf if lf >= 0 else len(buffer)) + 1 - pos  # as in _read_head
                 if self._trailers is None:  # a chunk-size line
-                    room = DEFAULT_MAX_CHUNK_SIZE_DIGITS + DEFAULT_MAX_CHUNK_EXTENSIONS - self._extensions
+                    room = (DEFAULT_MAX_CHUNK_SIZE_DIGITS + DEFAULT_MAX_CHUNK_EXTENSIONS
+                            - self._extensions)
                     if length > room + 2:
                         raise _bad_request("chunk extensions longer than %d bytes"
                                            % DEFAULT_MAX_CHUNK_EXTENSIONS)
@@ -3761,9 +3041,7 @@ class _RequestReader:
             self._consume(pos)
 
 
-###############################################################################
-# HTTP server #################################################################
-###############################################################################
+# -- the server ------------------------------------------------------------------
 
 _LOG_WRITE = 4096      # bytes: PIPE_BUF on Linux, and the least POSIX allows
 # The most asyncio reads from a socket at once.
@@ -4002,7 +3280,8 @@ class TaskServer:
 
     def __init__(self, app, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                  max_body=DEFAULT_MAX_BODY, request_timeout=DEFAULT_REQUEST_TIMEOUT,
-                 keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
+                 keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,
+                 shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_buffered=DEFAULT_MAX_BUFFERED,
                  ssl_context=None, log=None, commits=None, sock=None, name=None):
         """``sock``: a listening socket to serve instead of binding one (a
@@ -4342,7 +3621,8 @@ class TaskServer:
         self._held.append((conn, head + body, depends,
                            (keep_alive, http10, head_only), (request, status[:3], elapsed)))
         self._held_bytes += len(body)
-        if len(self._held) >= DEFAULT_GROUP_MAX_RESPONSES or self._held_bytes >= DEFAULT_GROUP_MAX_BYTES:
+        if len(self._held) >= DEFAULT_GROUP_MAX_RESPONSES \
+                or self._held_bytes >= DEFAULT_GROUP_MAX_BYTES:
             self._end_group()
 
     def _retry_parked(self):
@@ -4461,7 +3741,7 @@ class TaskServer:
 
 
 ###############################################################################
-# Contract check: Genesy's calls against any server ###########################
+# Check: Genesy's calls against any server, and replay ########################
 ###############################################################################
 
 #: Tasks the check creates carry this in their subject, so they can be found.
@@ -4581,8 +3861,9 @@ def _expect_error_body(result, what):
             % (what, _seen(status, text)))
 
 
-def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=DEFAULT_CHECK_TIMEOUT, insecure=False,
-                       out=None, owner_id=None, contact_id=None, company_id=None):
+def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=DEFAULT_CHECK_TIMEOUT,
+                       insecure=False, out=None, owner_id=None, contact_id=None,
+                       company_id=None):
     """Run Genesy's calls against the server at ``url``; print a line per check.
 
     Returns the number of failed checks. Tasks it creates have _CHECK_SUBJECT
@@ -4903,7 +4184,8 @@ def _recorded_key_header(requests):
     return DEFAULT_HEADER
 
 
-def run_replay(path, url, key, header=None, timeout=DEFAULT_CHECK_TIMEOUT, insecure=False, out=None):
+def run_replay(path, url, key, header=None, timeout=DEFAULT_CHECK_TIMEOUT, insecure=False,
+               out=None):
     """Send the requests recorded in ``path`` (--record) to the server at ``url``,
     in order, and compare each answer with the recorded one; print a line each.
 
@@ -5530,6 +4812,737 @@ def _remove_database(path):
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(OSError):
             os.remove(path + suffix)
+
+
+
+###############################################################################
+# Assets: the dashboard page and the OpenAPI document #########################
+###############################################################################
+
+# The dashboard at GET /: one page, no build step, nothing fetched from
+# elsewhere. Task fields are untrusted, so the script only ever puts them in
+# the page as text (textContent, attribute values), never as HTML, and the
+# Content-Security-Policy allows this page's own script and style only.
+_DASHBOARD_STYLE = """
+:root { color-scheme: light dark; --line: #8884; --muted: #888; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1rem; }
+header { display: flex; align-items: baseline; gap: 1rem; flex-wrap: wrap; }
+h1 { font-size: 1.3rem; margin: 0 1rem 0 0; }
+form { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin: 1rem 0; }
+input, select, button { font: inherit; padding: .3rem .5rem; }
+button { cursor: pointer; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; vertical-align: top; padding: .4rem;
+         border-bottom: 1px solid var(--line); }
+th { font-weight: 600; }
+th, .ownerId, .contactId, .companyId, .dueDate, .createdAt, .completedAt { white-space: nowrap; }
+tr.done .subject { text-decoration: line-through; color: var(--muted); }
+.id, .description, #status, .empty { color: var(--muted); }
+.id { font: 12px ui-monospace, monospace; white-space: nowrap; }
+.description { white-space: pre-wrap; }
+.error { color: #c53030; }
+nav { display: flex; gap: .25rem; }
+nav button[aria-pressed="true"] { font-weight: 600; }
+#request-list { list-style: none; padding: 0; margin: 0; }
+#request-list li { border-bottom: 1px solid var(--line); }
+#request-list summary { cursor: pointer; padding: .35rem 0; display: flex; gap: .75rem; }
+.method { font-weight: 600; min-width: 4.5em; }
+.target { font-family: ui-monospace, monospace; word-break: break-all; flex: 1; }
+.status-2 { color: #2f855a; } .status-3 { color: #2b6cb0; }
+.status-4 { color: #c05621; } .status-5 { color: #c53030; }
+.time, .duration, .note { color: var(--muted); white-space: nowrap; }
+.exchange { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; padding: 0 0 .75rem; }
+.exchange h3 { font-size: .9rem; margin: .5rem 0 .25rem; }
+.exchange table { font: 12px ui-monospace, monospace; }
+.exchange th, .exchange td { padding: .1rem .4rem; word-break: break-all; }
+pre { font: 12px ui-monospace, monospace; white-space: pre-wrap; word-break: break-all;
+      margin: 0; padding: .5rem; background: #8881; max-height: 30rem; overflow: auto; }
+[hidden] { display: none !important; }
+"""
+
+_DASHBOARD_SCRIPT = """
+"use strict";
+const base = document.body.dataset.base, keyHeader = document.body.dataset.keyHeader;
+const storageKey = "genesy-tasks-api-key";
+const $ = (id) => document.getElementById(id);
+const columns = JSON.parse(document.body.dataset.columns);  // the fields shown
+let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
+const opened = new Set();  // the requests shown expanded, kept so across refreshes
+let seen = [];             // the requests fetched so far, newest first
+
+class Unauthorized extends Error {}
+
+async function call(method, path, body) {
+  // The inspector leaves out the dashboard's own requests: it says who it is.
+  const headers = {"Accept": "application/json", "X-Genesy-Dashboard": "1"};
+  headers[keyHeader] = sessionStorage.getItem(storageKey) || "";
+  const init = {method, headers, cache: "no-store", credentials: "omit"};
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(base + path, init);
+  if (response.status === 401) throw new Unauthorized();
+  const data = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error(data && data.message ? data.message : response.statusText);
+  return data;
+}
+
+function showLogin(message) {
+  clearTimeout(timer);
+  clearTimeout(requestsTimer);
+  sessionStorage.removeItem(storageKey);
+  $("tasks-view").hidden = true;
+  $("requests-view").hidden = true;
+  $("views").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("key").value = "";
+  $("key").focus();
+}
+
+function failed(error, what) {
+  if (error instanceof Unauthorized) {
+    showLogin("The server refused that key.");
+  } else {
+    $("status").textContent = what + ": " + error.message;
+    $("status").className = "error";
+  }
+}
+
+function updated() {
+  $("status").textContent = "Updated " + new Date().toLocaleTimeString();
+  $("status").className = "";
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function textBlock(className, text) {
+  const div = document.createElement("div");
+  div.className = className;
+  div.textContent = text;
+  return div;
+}
+
+function render(page) {
+  const body = document.createElement("tbody");
+  body.id = "rows";
+  const owners = new Set();
+  for (const task of page.tasks) {
+    const row = document.createElement("tr");
+    row.dataset.taskId = task.id;
+    if (task.completed) row.className = "done";
+    const first = cell(row, "", "");
+    first.append(textBlock("subject", task.subject), textBlock("id", task.id));
+    if (task.description) first.append(textBlock("description", task.description));
+    for (const name of columns) cell(row, task[name], name);
+    const action = document.createElement("button");
+    action.type = "button";
+    action.className = "toggle";
+    action.textContent = task.completed ? "Reopen" : "Complete";
+    action.addEventListener("click", () => toggle(task, action));
+    row.appendChild(document.createElement("td")).appendChild(action);
+    body.appendChild(row);
+    if (task.ownerId) owners.add(task.ownerId);
+  }
+  $("rows").replaceWith(body);
+  $("empty").hidden = page.tasks.length > 0;
+  $("more").hidden = !page.nextCursor || pageSize >= 500;
+  const list = $("owners");
+  for (const owner of owners) {
+    if (![...list.options].some((option) => option.value === owner)) {
+      const option = document.createElement("option");
+      option.value = owner;
+      list.appendChild(option);
+    }
+  }
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  const query = new URLSearchParams({limit: String(pageSize)});
+  const state = $("state").value;
+  if (state !== "all") query.set("completed", state === "completed" ? "true" : "false");
+  const owner = $("owner").value.trim();
+  if (owner) query.set("ownerId", owner);
+  try {
+    render(await call("GET", "/tasks?" + query));
+    updated();
+  } catch (error) {
+    failed(error, "Could not refresh");
+    if (error instanceof Unauthorized) return;
+  }
+  if (view === "tasks") timer = setTimeout(refresh, 2000);
+}
+
+async function toggle(task, button) {
+  button.disabled = true;
+  try {
+    await call("PATCH", "/tasks/" + encodeURIComponent(task.id), {completed: !task.completed});
+  } catch (error) {
+    failed(error, "Could not update the task");
+  }
+  if (sessionStorage.getItem(storageKey)) refresh();
+}
+
+
+function show(name) {
+  view = name;
+  clearTimeout(timer);
+  clearTimeout(requestsTimer);
+  $("login").hidden = true;
+  $("views").hidden = false;
+  $("tasks-view").hidden = name !== "tasks";
+  $("requests-view").hidden = name !== "requests";
+  $("show-tasks").setAttribute("aria-pressed", String(name === "tasks"));
+  $("show-requests").setAttribute("aria-pressed", String(name === "requests"));
+  if (name === "tasks") refresh(); else refreshRequests();
+}
+
+function pretty(text) {
+  if (text === null || text === undefined || text === "") return "(empty)";
+  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (error) { return text; }
+}
+
+function headerTable(headers) {
+  const table = document.createElement("table");
+  for (const [name, value] of Object.entries(headers || {})) {
+    const row = table.insertRow();
+    cell(row, name, "");
+    cell(row, value, "");
+  }
+  return table;
+}
+
+function side(title, message, limitNote) {
+  const div = document.createElement("div");
+  const heading = document.createElement("h3");
+  heading.textContent = title;
+  const body = document.createElement("pre");
+  body.textContent = pretty(message.body);
+  div.append(heading, headerTable(message.headers), body);
+  if (message.truncated) {
+    div.append(textBlock("note", "Cut: " + limitNote + " of " + message.bytes + " bytes shown."));
+  }
+  return div;
+}
+
+function requestItem(entry) {
+  // Request bodies come from anyone who can reach the server: text only.
+  const item = document.createElement("li");
+  const details = document.createElement("details");
+  details.dataset.requestId = String(entry.id);
+  details.open = opened.has(entry.id);
+  details.addEventListener("toggle", () => {
+    if (details.open) opened.add(entry.id); else opened.delete(entry.id);
+  });
+  const summary = document.createElement("summary");
+  const status = entry.response.status;
+  for (const [className, text] of [
+      ["time", new Date(entry.time).toLocaleTimeString()], ["method", entry.method],
+      ["target", entry.path], ["status status-" + String(status)[0], String(status)],
+      ["duration", entry.durationMs.toFixed(1) + " ms"]]) {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    summary.appendChild(span);
+  }
+  const exchange = document.createElement("div");
+  exchange.className = "exchange";
+  exchange.append(side("Request", entry.request, "the first 64 KiB"),
+                  side("Answer", entry.response, "the first 4 KiB"));
+  details.append(summary, exchange);
+  item.appendChild(details);
+  return item;
+}
+
+function renderRequests() {
+  const statusClass = $("status-class").value, pathPart = $("path-filter").value.trim();
+  const list = document.createElement("ol");
+  list.id = "request-list";
+  for (const entry of seen) {
+    if (statusClass !== "all" && String(entry.response.status)[0] !== statusClass) continue;
+    if (pathPart && !entry.path.includes(pathPart)) continue;
+    list.appendChild(requestItem(entry));
+  }
+  $("request-list").replaceWith(list);
+  $("no-requests").hidden = seen.length > 0;
+  $("no-match").hidden = !seen.length || list.children.length > 0;
+}
+
+let loadingRequests = false;
+
+async function refreshRequests() {
+  // Only what is new since the last look: the page keeps the rest.
+  clearTimeout(requestsTimer);
+  if (loadingRequests) return;  // one look at a time: each would add the same ones
+  loadingRequests = true;
+  const query = seen.length ? "?limit=500&after=" + seen[0].id : "?limit=200";
+  try {
+    const page = await call("GET", "/requests" + query);
+    if (page.requests.length || !seen.length) {
+      seen = page.requests.concat(seen).slice(0, 500);
+      renderRequests();
+    }
+    updated();
+  } catch (error) {
+    failed(error, "Could not load the requests");
+    // Unauthorized: the login form is back. Off (--inspect 0): nothing to wait for.
+    if (error instanceof Unauthorized || error.message.includes("--inspect 0")) {
+      loadingRequests = false;
+      return;
+    }
+  }
+  loadingRequests = false;
+  if (view === "requests") requestsTimer = setTimeout(refreshRequests, 1000);
+}
+
+$("header-name").textContent = keyHeader;
+$("show-tasks").addEventListener("click", () => show("tasks"));
+$("show-requests").addEventListener("click", () => show("requests"));
+$("request-filters").addEventListener("submit", (event) => {
+  event.preventDefault();
+  renderRequests();
+});
+$("status-class").addEventListener("change", renderRequests);
+$("path-filter").addEventListener("input", renderRequests);
+$("login").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(storageKey, $("key").value.trim());
+  try {
+    await call("GET", "/tasks?limit=1");
+  } catch (error) {
+    if (error instanceof Unauthorized) return showLogin("The server refused that key.");
+    $("login-error").textContent = "Could not reach the server: " + error.message;
+    return;
+  }
+  show("tasks");
+});
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
+$("state").addEventListener("change", refresh);
+$("owner").addEventListener("change", refresh);
+$("forget").addEventListener("click", () => showLogin("Key forgotten."));
+$("more").addEventListener("click", () => { pageSize = Math.min(pageSize + 100, 500); refresh(); });
+if (sessionStorage.getItem(storageKey)) {
+  show("tasks");
+} else {
+  showLogin("");
+}
+"""
+
+_DASHBOARD_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>genesy-tasks</title>
+<link rel="icon" href="data:,">
+<style>%(style)s</style>
+</head>
+<body data-base="%(base)s" data-key-header="%(header)s" data-columns="%(columns)s">
+<header><h1>genesy-tasks</h1>
+  <nav id="views" hidden><button type="button" id="show-tasks" aria-pressed="true">Tasks</button>
+    <button type="button" id="show-requests" aria-pressed="false">Requests</button></nav>
+  <span id="status" role="status"></span></header>
+<form id="login" hidden method="post" action="#">
+  <label>API key (sent in the <code id="header-name"></code> header)
+    <input id="key" type="password" autocomplete="off" required></label>
+  <button type="submit">Open</button>
+  <span id="login-error" class="error" role="alert"></span>
+</form>
+<main id="tasks-view" hidden>
+  <form id="filters" method="post" action="#">
+    <label>Show <select id="state">
+      <option value="all">all tasks</option>
+      <option value="open">open tasks</option>
+      <option value="completed">completed tasks</option>
+    </select></label>
+    <label>Owner <input id="owner" list="owners" placeholder="any ownerId"></label>
+    <datalist id="owners"></datalist>
+    <button type="submit">Filter</button>
+    <button type="button" id="forget">Forget key</button>
+  </form>
+  <table>
+    <thead><tr><th>Subject</th><th>Type</th><th>Owner</th><th>Contact</th>
+      <th>Company</th><th>Due</th><th>Created</th><th>Completed</th><th></th></tr></thead>
+    <tbody id="rows"></tbody>
+  </table>
+  <p id="empty" class="empty" hidden>No tasks here yet. Tasks Genesy creates appear within
+    a few seconds.</p>
+  <p><button type="button" id="more" hidden>Show more</button></p>
+</main>
+<main id="requests-view" hidden>
+  <form id="request-filters" method="post" action="#">
+    <label>Show <select id="status-class">
+      <option value="all">all answers</option>
+      <option value="2">2xx</option>
+      <option value="3">3xx</option>
+      <option value="4">4xx</option>
+      <option value="5">5xx</option>
+    </select></label>
+    <label>Path <input id="path-filter" placeholder="part of the path, e.g. /tasks/batch"></label>
+  </form>
+  <ol id="request-list"></ol>
+  <p id="no-match" class="empty" hidden>No request kept matches these filters.</p>
+  <p id="no-requests" class="empty" hidden>No requests yet. Every request Genesy (or anyone)
+    sends appears here within a second, with its headers, its body and the answer.</p>
+</main>
+<script>%(script)s</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(source):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
+
+
+_DASHBOARD_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        % (_csp_hash(_DASHBOARD_SCRIPT), _csp_hash(_DASHBOARD_STYLE))),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _dashboard_page(header=DEFAULT_HEADER, base_path=""):
+    """The dashboard's HTML for an app reached at ``base_path`` with this key header."""
+    return (_DASHBOARD_PAGE % {
+        "style": _DASHBOARD_STYLE, "script": _DASHBOARD_SCRIPT,
+        "base": html.escape(base_path), "header": html.escape(header),
+        "columns": html.escape(json.dumps([field.name for field in _FIELDS if field.shown])),
+    }).encode("utf-8")
+
+
+def _error_responses(*statuses):
+    return {str(status): {"$ref": "#/components/responses/%d" % status}
+            for status in statuses + (401, 500, 503)}
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: bad JSON, a field or parameter that breaks the contract",
+    401: "Missing or invalid API key",
+    404: "No task with this id",
+    405: "The method is not allowed here: the task id \"batch\" names the batch path; "
+         "the Allow header lists the methods that are",
+    410: "The change feed cursor is older than the deletions kept; start again without after",
+    413: "Request body or batch too large",
+    415: "Request body not declared as JSON",
+    422: "Idempotency-Key reused with a different request body",
+    500: "Unexpected failure; the traceback is logged, never sent",
+    503: "The task database is unavailable (locked, read-only, disk full); retry",
+}
+
+
+def _iso8601_pattern(date_separator, time_separator):
+    """A regular expression for exactly the dates and times _is_iso8601 accepts,
+    in one format (extended: "-" and ":"; basic: none), leap days included."""
+    # Years 0001 to 9999; leap years are those divisible by 4, but of the
+    # centuries only those divisible by 400.
+    year = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+    leap_year = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([13579][26]|[2468][048]|0[48])00)"
+    d = date_separator
+    date = ("(%(year)s%(d)s((0[1-9]|1[0-2])%(d)s(0[1-9]|1[0-9]|2[0-8])"
+            "|(0[13-9]|1[0-2])%(d)s(29|30)|(0[13578]|1[02])%(d)s31)"
+            "|%(leap)s%(d)s02%(d)s29)" % {"year": year, "d": d, "leap": leap_year})
+    t = time_separator
+    hour, minute = "([01][0-9]|2[0-3])", "[0-5][0-9]"
+    offset = "[+-]%s(%s%s)?" % (hour, ":?" if t else "", minute)
+    time_of_day = "[Tt]%s%s%s(%s([0-5][0-9]|60)([.,][0-9]+)?)?([Zz]|%s)?" % (
+        hour, t, minute, t, offset)
+    return "%s(%s)?" % (date, time_of_day)
+
+
+def _value_schema(schema):
+    """The OpenAPI schema of a field's value from its type in _FIELDS."""
+    kind = schema.rstrip("?")
+    value = {"type": "string", "format": kind} if kind == "date-time" else {"type": kind}
+    if schema.endswith("?"):
+        value["type"] = [value["type"], "null"]
+    return value
+
+
+def openapi_document(header=DEFAULT_HEADER, max_body=DEFAULT_MAX_BODY,
+                     max_batch=DEFAULT_MAX_BATCH, base_path="/", users=False, inspect=True):
+    """The OpenAPI 3.1 description of the routes :func:`make_app` serves
+    (``users``, ``inspect``: whether it serves GET /users, GET /requests)."""
+    iso8601 = "^(%s|%s)$" % (_iso8601_pattern("-", ":"), _iso8601_pattern("", ""))
+    inputs = {  # what a client may send, by the field's input
+        "required": {"type": "string", "pattern": _NOT_BLANK, "description": "Not blank"},
+        "text": {"type": ["string", "null"]},
+        "date": {"type": ["string", "null"], "pattern": iso8601,
+                 "description": "ISO 8601 date or date-time, e.g. 2024-01-15T10:00:00Z"},
+        "flag": {"type": "boolean"},
+    }
+    timestamp = _value_schema("date-time")
+    new_task = {field.name: dict(inputs[field.input]) for field in _CREATE_FIELDS}
+    task_changes = {field.name: dict(inputs[field.input]) for field in _UPDATE_FIELDS}
+    ids = {"type": "array", "items": {"type": "string"}, "maxItems": max_batch}
+    cursor = {"type": "string", "pattern": "^%s$" % _CURSOR.pattern}
+
+    def body(schema_name, description):
+        return {"required": True, "description": description, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/" + schema_name}}}}
+
+    def json_response(description, schema, headers=None):
+        response = {"description": description,
+                    "content": {"application/json": {"schema": schema}}}
+        if headers:
+            response["headers"] = headers
+        return response
+
+    task = {"$ref": "#/components/schemas/Task"}
+    tasks = {"type": "array", "items": task}
+    task_id = {"name": "taskId", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[^/]+$", "not": {"const": "batch"}}}
+    list_parameters = [
+        {"name": name, "in": "query", "required": False, "schema": schema,
+         "description": description}
+        for name, schema, description in [
+            (name, {"type": "string"}, "Only tasks with this %s" % name) for name in _FILTERS
+        ] + [
+            ("completed", {"type": "boolean"}, "Only completed (true) or open (false) tasks"),
+            ("dueBefore", {"type": "string", "pattern": iso8601},
+             "Only tasks due before this instant (exclusive)"),
+            ("dueAfter", {"type": "string", "pattern": iso8601},
+             "Only tasks due at or after this instant"),
+            ("order", {"type": "string", "enum": ["newest", "oldest"], "default": "newest"},
+             "Creation order"),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
+                       "default": DEFAULT_LIST_LIMIT}, "Tasks per page"),
+            ("cursor", cursor,
+             "nextCursor of the previous page, with the same other parameters"),
+        ]]
+    limit = {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": DEFAULT_MAX_LIST_LIMIT,
+                        "default": DEFAULT_LIST_LIMIT}}
+    change_paths = {"/changes": {"get": {
+        "operationId": "listChanges",
+        "summary": "Every task at its latest change, in commit order",
+        "description": "Follow nextCursor (always present) as after to get what changed "
+                       "since; deleted tasks are kept %d days." % DEFAULT_DELETIONS_KEPT_DAYS,
+        "parameters": [{"name": "after", "in": "query", "required": False, "schema": cursor,
+                        "description": "nextCursor of the previous call; without it, the "
+                                       "oldest change kept"},
+                       dict(limit, description="Changes per page")],
+        "responses": {"200": json_response("One page of changes", {
+            "type": "object", "required": ["changes", "nextCursor"],
+            "additionalProperties": False,
+            "properties": {"nextCursor": cursor, "changes": {"type": "array", "items": {
+                "type": "object", "required": ["taskId", "change", "task", "at"],
+                "additionalProperties": False,
+                "properties": {
+                    "taskId": {"type": "string"},
+                    "change": {"enum": ["create", "update", "delete"]},
+                    "task": {"oneOf": [task, {"type": "null"}]},
+                    "at": timestamp}}}}}),
+            **_error_responses(400, 410)},
+    }}}
+    message = {"type": "object", "required": ["headers", "body", "bytes", "truncated"],
+               "properties": {"headers": {"type": "object",
+                                          "additionalProperties": {"type": "string"}},
+                              "body": {"type": ["string", "null"]},
+                              "bytes": {"type": "integer", "minimum": 0},
+                              "truncated": {"type": "boolean"}}}
+    requests_path = {"get": {
+        "operationId": "listRequests",
+        "summary": "The requests the server answered lately, newest first (the inspector)",
+        "description": "Every request but the dashboard's and the inspector's own, with its "
+                       "answer; the API key's value is [redacted]. Request bodies are cut "
+                       "at %d bytes, answers at %d."
+                       % (DEFAULT_INSPECT_BODY, DEFAULT_INSPECT_ANSWER),
+        "parameters": [dict(limit, description="Requests to return",
+                            schema={"type": "integer", "minimum": 1,
+                                    "maximum": DEFAULT_MAX_LIST_LIMIT}),
+                       {"name": "after", "in": "query", "required": False,
+                        "description": "Only the requests right after this one (the oldest of "
+                       "them first to go, newest first in the answer)",
+                        "schema": {"type": "integer", "minimum": 0,
+                                   "maximum": 10 ** 18 - 1}}],
+        "responses": {"200": json_response("The requests", {
+            "type": "object", "required": ["requests"], "additionalProperties": False,
+            "properties": {"requests": {"type": "array", "items": {
+                "type": "object",
+                "required": ["id", "time", "method", "path", "request", "response",
+                             "durationMs"],
+                "properties": {
+                    "id": {"type": "integer"}, "time": timestamp,
+                    "method": {"type": "string"}, "path": {"type": "string"},
+                    "durationMs": {"type": "number"},
+                    "request": message,
+                    "response": {"allOf": [message, {
+                        "type": "object", "required": ["status"],
+                        "properties": {"status": {"type": "integer"}}}]}}}}}}),
+            **_error_responses(400)},
+    }}
+    if inspect:
+        change_paths["/requests"] = requests_path
+    if users:
+        change_paths["/users"] = {"get": {
+            "operationId": "listUsers",
+            "summary": "The users Genesy offers as task owners (their id is a task's ownerId)",
+            "responses": {"200": json_response("The users", {
+                "type": "array", "items": {
+                    "type": "object", "required": ["id", "name"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "email": {"type": "string"}}}}),
+                **_error_responses()},
+        }}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Genesy Tasks API (genesy-tasks)",
+            "version": __version__,
+            "description": (
+                "The Tasks endpoints Genesy calls on a CRM, plus listing and deleting. "
+                "Every error body is {\"error\": title, \"message\": cause}. A method a "
+                "path does not support is a 405 with an Allow header; an unknown path "
+                "is a 404. Request bodies are limited to %d bytes and batches to %d ids."
+                % (max_body, max_batch)),
+        },
+        "servers": [{"url": base_path}],
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/health": {"get": {
+                "operationId": "health", "summary": "Health check for Genesy",
+                "responses": {"200": json_response("Serving", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"const": "ok"}}}),
+                    **_error_responses()},
+            }},
+            "/tasks": {
+                "get": {
+                    "operationId": "listTasks", "summary": "List tasks, newest first",
+                    "parameters": list_parameters,
+                    "responses": {"200": json_response("One page of tasks", {
+                        "type": "object", "required": ["tasks", "nextCursor"],
+                        "additionalProperties": False,
+                        "properties": {"tasks": tasks,
+                                       "nextCursor": dict(cursor, type=["string", "null"])}}),
+                        **_error_responses(400)},
+                },
+                "post": {
+                    "operationId": "createTask", "summary": "Create a task",
+                    "parameters": [{
+                        "name": "Idempotency-Key", "in": "header", "required": False,
+                        "description": "Retries with this key and the same body return the "
+                                       "first response instead of creating another task "
+                                       "(kept %d hours). Bare or quoted."
+                                       % (DEFAULT_IDEMPOTENCY_TTL // 3600),
+                        "schema": {"type": "string",
+                                   "pattern": '^("[!-~]{1,255}"|(?!".*"$)[!-~]{1,255})$'}}],
+                    "requestBody": body("NewTask", "The task; unknown fields are ignored"),
+                    "responses": {"201": json_response("Created", task, {
+                        "Location": {"description": "The task's URL",
+                                     "schema": {"type": "string"}},
+                        "Idempotent-Replayed": {
+                            "description": "true when this is a stored earlier response",
+                            "schema": {"type": "string", "enum": ["true"]}}}),
+                        **_error_responses(400, 413, 415, 422)},
+                },
+            },
+            "/tasks/batch": {
+                "post": {
+                    "operationId": "getTasksBatch", "summary": "Get many tasks",
+                    "requestBody": body("BatchGet", "The ids to fetch"),
+                    "responses": {"200": json_response(
+                        "The tasks found, in request order, each once; unknown ids omitted",
+                        tasks), **_error_responses(400, 413, 415)},
+                },
+                "patch": {
+                    "operationId": "completeTasksBatch",
+                    "summary": "Complete (or reopen) many tasks in one transaction",
+                    "requestBody": body("BatchComplete", "The ids and the completed state"),
+                    "responses": {"200": json_response(
+                        "The tasks found, updated, in request order; unknown ids omitted",
+                        tasks), **_error_responses(400, 413, 415)},
+                },
+            },
+            "/tasks/{taskId}": {
+                "parameters": [task_id],
+                "get": {
+                    "operationId": "getTask", "summary": "Get a task",
+                    "responses": {"200": json_response("The task", task),
+                                  **_error_responses(404, 405)},
+                },
+                "patch": {
+                    "operationId": "updateTask",
+                    "summary": "Update a task: complete, reopen, or change fields",
+                    "requestBody": body("TaskChanges", "The fields to change"),
+                    "responses": {"200": json_response("The updated task", task),
+                                  **_error_responses(400, 404, 413, 415)},
+                },
+                "delete": {
+                    "operationId": "deleteTask", "summary": "Delete a task",
+                    "responses": {"204": {"description": "Deleted"},
+                                  **_error_responses(404, 405)},
+                },
+            },
+            **change_paths,
+            "/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document", "security": [],
+                "responses": {"200": json_response("OpenAPI 3.1", {"type": "object"})},
+            }},
+            "/": {"get": {
+                "operationId": "dashboard", "security": [],
+                "summary": "A page to watch and complete tasks; it asks for the key",
+                "responses": {"200": {"description": "The dashboard",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}},
+            }},
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": header}},
+            "schemas": {
+                "Task": {
+                    "type": "object", "required": list(TASK_FIELDS),
+                    "additionalProperties": False,
+                    "properties": {field.name: _value_schema(field.schema)
+                                   for field in _FIELDS},
+                },
+                "NewTask": {
+                    "type": "object",
+                    "required": [field.name for field in _CREATE_FIELDS
+                                 if field.input == "required"],
+                    "properties": new_task,
+                },
+                "TaskChanges": {
+                    "type": "object",
+                    "description": "At least one known field; completed true keeps the "
+                                   "first completedAt, false reopens",
+                    "properties": task_changes,
+                    "anyOf": [{"required": [name]} for name in task_changes],
+                },
+                "BatchGet": {
+                    "type": "object", "required": ["ids"], "properties": {"ids": ids},
+                },
+                "BatchComplete": {
+                    "type": "object", "required": ["ids", "completed"],
+                    "properties": {"ids": ids, "completed": {"type": "boolean"}},
+                },
+                "Error": {
+                    "type": "object", "required": ["error", "message"],
+                    "additionalProperties": False,
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+            "responses": {
+                str(status): json_response(description, {"$ref": "#/components/schemas/Error"},
+                                           {"Retry-After": {"schema": {"type": "string"}}}
+                                           if status == 503 else None)
+                for status, description in _ERROR_DESCRIPTIONS.items()},
+        },
+    }
 
 
 if __name__ == "__main__":
