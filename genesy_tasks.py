@@ -488,8 +488,25 @@ def _never_reuse_positions(conn):
         conn.execute(sql)
 
 
+def _field_added(name):
+    """The upgrade for a field added to _FIELDS: its column (which may be
+    null: existing tasks have none), its index if it has one, and the change
+    feed's update triggers made again, since they name the contract's columns."""
+    field = next(field for field in _FIELDS if field.name == name)
+    if not field.schema.endswith("?"):
+        raise ValueError("a field added later must allow null: existing tasks have no value")
+    statements = ["ALTER TABLE genesy_tasks ADD COLUMN " + _column_definition(field)]
+    if field.filter == "indexed":
+        statements.append("CREATE INDEX %s ON genesy_tasks (%s)"
+                          % (_index_name(field), field.column))
+    return (statements
+            + ["DROP TRIGGER genesy_tasks_updated", "DROP TRIGGER genesy_tasks_renamed"]
+            + [trigger for trigger in _CHANGES_TRIGGERS if "AFTER UPDATE OF" in trigger])
+
+
 # Upgrades of an existing database, by the version they lead to: statements,
-# or a function of the connection.
+# or a function of the connection. A field added to _FIELDS needs one:
+# SCHEMA_VERSION + 1 and, say, 5: _field_added("priority").
 _MIGRATIONS = {
     2: ["ALTER TABLE genesy_tasks ADD COLUMN due_utc TEXT",
         "UPDATE genesy_tasks SET due_utc = genesy_utc_instant(due_date) "
