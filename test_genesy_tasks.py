@@ -3,7 +3,9 @@ real server as a process. Each test gets a fresh database in tmp_path."""
 
 import asyncio
 import contextlib
+import functools
 import http.client
+import inspect
 import io
 import itertools
 import json
@@ -52,6 +54,22 @@ FULL_TASK = {
 
 
 # -- fixtures -------------------------------------------------------------------
+# What a test opens (a store, an app, a server, a process) is closed or stopped
+# by a fixture at its end, pass or fail: one ExitStack, last opened first.
+
+@pytest.fixture
+def cleanup():
+    """The test's ExitStack: what is pushed on it is undone at the test's end, last first."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def closing(cleanup):
+    """``closing(thing)`` is ``thing`` (a store, an app), closed at the test's end. A test
+    may close it earlier itself: close() may be called again."""
+    return lambda thing: cleanup.enter_context(contextlib.closing(thing))
+
 
 @pytest.fixture
 def db_path(tmp_path):
@@ -59,10 +77,8 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def tasks_app(db_path):
-    application = make_app(db_path, api_keys=KEY)
-    yield application
-    application.close()
+def tasks_app(db_path, closing):
+    return closing(make_app(db_path, api_keys=KEY))
 
 
 @pytest.fixture
@@ -75,15 +91,144 @@ def store(tasks_app):
     return tasks_app.store
 
 
-def _wait_for(check, timeout=10.0, step=0.01):
-    """Poll ``check`` until it returns something true, failing after ``timeout`` seconds."""
+@pytest.fixture
+def lazy_app(cleanup):
+    """A new app of the module-level app's kind (genesy_tasks.app): built from the
+    environment on its first request, and closed at the test's end if it was built."""
+    lazy = genesy_tasks._LazyApp()
+    cleanup.callback(lambda: lazy._app is not None and lazy._app.close())
+    return lazy
+
+
+@pytest.fixture
+def serve(cleanup):
+    """``serve(app, **options)``: a TaskServer serving ``app`` on a free port from a
+    thread of this process, so that tests can look inside; the API's app commits in
+    groups, as main serves it. ``serve(app, via=make)`` serves it with ``make(app)``
+    instead, a socketserver (wsgiref's, werkzeug's). ``server.stop()`` stops the
+    server and waits for its thread; the test's end does, if the test did not."""
+    def start(app, via=None, **options):
+        if via is None:
+            if hasattr(app, "store"):
+                options.setdefault("commits", genesy_tasks._CommitGroups(app.store))
+            options.setdefault("log", io.StringIO())
+            server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, **options)
+            run = server.serve_forever
+        else:
+            server = via(app, **options)
+            # A short poll: a socketserver's shutdown() waits for one.
+            run = functools.partial(server.serve_forever, poll_interval=0.05)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        stopped = []
+
+        def stop():
+            if stopped:
+                return
+            stopped.append(True)
+            if thread.is_alive():
+                with contextlib.suppress(RuntimeError):  # its loop closed: it stopped itself
+                    server.shutdown()
+            thread.join(timeout=15)
+            assert not thread.is_alive(), "the server's thread did not stop in 15 s"
+            if via is not None:
+                server.server_close()
+
+        server.stop = stop
+        cleanup.callback(stop)
+        return server
+    return start
+
+
+@pytest.fixture
+def start_process(tmp_path, cleanup):
+    """``start_process(*args, env=..., db=...)``: ``python genesy_tasks.py --port 0 ARGS``
+    as a process (a Server, below), stopped at the test's end if the test did not stop it."""
+    def start(*args, **options):
+        running = Server(tmp_path, *args, **options)
+        cleanup.callback(running.close)
+        return running
+    return start
+
+
+@pytest.fixture
+def spawn(cleanup):
+    """``spawn(argv, **popen_options)``: a subprocess.Popen that is ended (SIGTERM, then
+    SIGKILL) and reaped at the test's end, if the test did not end it."""
+    def start(argv, **options):
+        process = subprocess.Popen(argv, **options)
+        cleanup.callback(_end_process, process)
+        return process
+    return start
+
+
+def _end_process(process, timeout=15):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _wait_for(check, timeout=10.0, step=0.01, ignoring=(), what=None):
+    """Poll ``check`` every ``step`` seconds until it returns something true, and return
+    that; fail the test after ``timeout`` seconds, saying what was awaited. Exceptions
+    of the ``ignoring`` types count as not yet."""
     deadline = time.monotonic() + timeout
     while True:
-        result = check()
+        try:
+            result = check()
+        except ignoring:
+            result = None
         if result:
             return result
-        assert time.monotonic() < deadline, "timed out after %g s" % timeout
+        if time.monotonic() >= deadline:
+            if what is None:
+                try:
+                    what = inspect.getsource(check).strip()
+                except (OSError, TypeError):
+                    what = repr(check)
+            pytest.fail("timed out after %g s waiting for: %s" % (timeout, what))
         time.sleep(step)
+
+
+def _read_by_the_server(sock):
+    """Whether every byte sent on ``sock`` has been read by the process at its other
+    end, on this machine: none waits in this end's send queue, nor in the other
+    end's receive queue (/proc/net/tcp)."""
+    def address(host, port):
+        return "%s:%04X" % (socket.inet_aton(host)[::-1].hex().upper(), port)
+
+    here, there = address(*sock.getsockname()), address(*sock.getpeername())
+    queues = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.read().splitlines()[1:]:
+            fields = line.split()
+            tx_queue, rx_queue = (int(size, 16) for size in fields[4].split(":"))
+            queues[fields[1], fields[2]] = tx_queue, rx_queue
+    return queues.get((here, there), (1, 1))[0] == 0 and queues.get((there, here), (1, 1))[1] == 0
+
+
+def _wait_while_alive(condition, threads, timeout=30):
+    """Wait for ``condition`` while any of ``threads`` is alive to bring it about."""
+    _wait_for(lambda: condition() or not any(thread.is_alive() for thread in threads),
+              timeout, what=inspect.getsource(condition).strip())
+    assert condition(), "the threads ended before this came about: %s" % (
+        inspect.getsource(condition).strip())
+
+
+def _clock_passes(instant):
+    """Wait until the clock tasks' times are taken from is past ``instant`` (an
+    ISO_UTC text), so that a time taken now differs from it."""
+    def now():
+        ms = int(time.time() * 1000)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+    _wait_for(lambda: now() > instant, what="the clock to pass %s" % instant)
 
 
 def create(api, **fields):
@@ -237,7 +382,7 @@ def test_patch_completes_a_task_and_a_retry_keeps_the_first_completed_at(api):
     assert set(done) == TASK_KEYS
     assert done["completed"] is True and ISO_UTC.match(done["completedAt"])
     assert done["updatedAt"] == done["completedAt"]
-    time.sleep(0.01)
+    _clock_passes(done["completedAt"])  # a completion rewritten now would show
     again = api.patch_json("/tasks/" + task["id"], {"completed": True},
                            headers=HEADERS, status=200).json
     assert again["completedAt"] == done["completedAt"]
@@ -260,7 +405,7 @@ def test_patch_completed_false_reopens_the_task(api):
 ])
 def test_patch_updates_any_documented_field_and_leaves_the_rest(api, field, value):
     task = create(api, **{k: v for k, v in FULL_TASK.items() if k != "subject"})
-    time.sleep(0.002)
+    _clock_passes(task["updatedAt"])
     updated = api.patch_json("/tasks/" + task["id"], {field: value, "unknown": 1},
                              headers=HEADERS, status=200).json
     expected = dict(task, **{field: value})
@@ -339,7 +484,7 @@ def test_batch_get_with_bad_ids_is_a_400(api, body, mentions):
 def test_batch_complete_completes_in_request_order_and_keeps_first_completed_at(api):
     a, b, c = (create(api)["id"] for _ in range(3))
     first = api.patch_json("/tasks/" + a, {"completed": True}, headers=HEADERS).json
-    time.sleep(0.01)
+    _clock_passes(first["completedAt"])  # the others' completions come later
     tasks = api.patch_json("/tasks/batch", {"ids": [b, "task-missing", a, b, c],
                                             "completed": True},
                            headers=HEADERS, status=200).json
@@ -422,7 +567,7 @@ def test_batches_of_10000_ids_work_beyond_sqlites_parameter_limit(api, store):
     assert len(tasks) == 10_000 and all(t["completed"] for t in tasks)
 
 
-def test_a_batch_over_the_maximum_is_a_413(api, store, db_path):
+def test_a_batch_over_the_maximum_is_a_413(api, store):
     ids = ["task-%d" % n for n in range(10_001)]
     for method in (api.post_json, api.patch_json):
         response = method("/tasks/batch", {"ids": ids, "completed": True}, headers=HEADERS,
@@ -467,10 +612,12 @@ def test_list_pages_with_a_cursor_stable_while_tasks_are_added(api):
     assert _ids(page) == newest_first[:3] and page["nextCursor"]
     create(api, subject="arrives while paging")  # must not shift the next pages
     seen = _ids(page)
-    while page["nextCursor"]:
+    for _ in range(len(made)):  # at most a page a task
+        if not page["nextCursor"]:
+            break
         page = api.get("/tasks", {"limit": 3, "cursor": page["nextCursor"]}, headers=HEADERS).json
         seen += _ids(page)
-    assert seen == newest_first
+    assert seen == newest_first and page["nextCursor"] is None
 
 
 def test_list_limit_defaults_to_50_and_is_capped_at_500(api, store):
@@ -816,16 +963,16 @@ def test_header_names_are_case_insensitive(api):
     api.get("/health", headers={"x-api-key": KEY}, status=200)
 
 
-def test_several_keys_are_accepted_for_rotation(db_path):
-    rotating = webtest.TestApp(make_app(db_path, api_keys=" old-key , new-key,, "))
+def test_several_keys_are_accepted_for_rotation(db_path, closing):
+    rotating = webtest.TestApp(closing(make_app(db_path, api_keys=" old-key , new-key,, ")))
     for key in ("old-key", "new-key"):
         rotating.get("/health", headers={"X-API-Key": key}, status=200)
     for key in ("", " old-key", "old-key,new-key", "other"):
         rotating.get("/health", headers={"X-API-Key": key}, status=401)
 
 
-def test_the_key_header_is_configurable(db_path):
-    custom = webtest.TestApp(make_app(db_path, api_keys=KEY, header="X-Genesy-Secret"))
+def test_the_key_header_is_configurable(db_path, closing):
+    custom = webtest.TestApp(closing(make_app(db_path, api_keys=KEY, header="X-Genesy-Secret")))
     custom.get("/health", headers={"X-Genesy-Secret": KEY}, status=200)
     response = custom.get("/health", headers={"X-API-Key": KEY}, status=401)
     assert_error(response, 401, mentions=["X-Genesy-Secret"])
@@ -837,20 +984,19 @@ def test_an_invalid_key_header_name_is_refused(db_path, header):
         make_app(db_path, api_keys=KEY, header=header)
 
 
-def test_without_keys_a_strong_key_is_generated_and_kept_in_the_database(db_path):
-    first = make_app(db_path, api_keys="  ")
+def test_without_keys_a_strong_key_is_generated_and_kept_in_the_database(db_path, closing):
+    first = closing(make_app(db_path, api_keys="  "))
     key = first.store.generated_api_key()
     first.close()
     assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", key)
-    second = make_app(db_path, api_keys=None)
+    second = closing(make_app(db_path, api_keys=None))
     assert second.store.generated_api_key() == key
     client = webtest.TestApp(second)
     client.get("/health", headers={"X-API-Key": key}, status=200)
     client.get("/health", status=401)
     second.close()
-    other = TaskStore(os.path.join(os.path.dirname(db_path), "other.db"))
+    other = closing(TaskStore(os.path.join(os.path.dirname(db_path), "other.db")))
     assert other.generated_api_key() != key
-    other.close()
 
 
 def test_unknown_routes_are_json_404s(api):
@@ -881,8 +1027,9 @@ def test_an_unexpected_failure_is_a_json_500_and_is_logged(api, store, monkeypat
     assert "ZeroDivisionError: secret internals" in response.errors
 
 
-def test_a_locked_database_is_a_503_and_the_server_recovers(db_path, api):
-    quick = webtest.TestApp(make_app(TaskStore(db_path, busy_timeout=0.05), api_keys=KEY))
+def test_a_locked_database_is_a_503_and_the_server_recovers(db_path, api, closing):
+    quick = webtest.TestApp(closing(make_app(TaskStore(db_path, busy_timeout=0.05),
+                                             api_keys=KEY)))
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
@@ -997,8 +1144,8 @@ def _visible_elsewhere(db_path):
         return sorted(row[0] for row in other.execute("SELECT subject FROM genesy_tasks"))
 
 
-def test_a_commit_group_commits_its_writes_once_at_its_end(db_path):
-    store = TaskStore(db_path)
+def test_a_commit_group_commits_its_writes_once_at_its_end(db_path, closing):
+    store = closing(TaskStore(db_path))
     statements = []
     store._connection().set_trace_callback(statements.append)
     group = store.start_commit_group()
@@ -1017,13 +1164,12 @@ def test_a_commit_group_commits_its_writes_once_at_its_end(db_path):
     assert _visible_elsewhere(db_path) == ["one", "two"]
     store.create({"subject": "three"})  # after the group: a transaction of its own
     assert statements.count("COMMIT") == 2
-    store.close()
 
 
-def test_a_failed_write_in_a_commit_group_undoes_itself_only(db_path):
+def test_a_failed_write_in_a_commit_group_undoes_itself_only(db_path, closing):
     # The key is refused after the task row is written: the savepoint must take
     # that row back, and leave the writes around it to the group's COMMIT.
-    store = _Refusing(db_path)
+    store = closing(_Refusing(db_path))
     store.start_commit_group()
     store.create({"subject": "before"})
     store.refuse = lambda action, table: (action == sqlite3.SQLITE_INSERT
@@ -1034,7 +1180,6 @@ def test_a_failed_write_in_a_commit_group_undoes_itself_only(db_path):
     store.create({"subject": "after"})
     store.finish_commit_group()
     assert _visible_elsewhere(db_path) == ["after", "before"]
-    store.close()
 
 
 def _store_with_a_crm_trigger(db_path, raise_, message):
@@ -1047,10 +1192,10 @@ def _store_with_a_crm_trigger(db_path, raise_, message):
     return store
 
 
-def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_path):
+def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_path, closing):
     # A create is one INSERT and takes no savepoint: SQLite undoes the failed
     # statement, which the trigger's ABORT fails (a 400 with its message).
-    store = _store_with_a_crm_trigger(db_path, "ABORT", "the CRM refuses")
+    store = closing(_store_with_a_crm_trigger(db_path, "ABORT", "the CRM refuses"))
     store.start_commit_group()
     kept = store.create({"subject": "before"})
     with pytest.raises(TaskValidationError, match="the CRM refuses"):
@@ -1060,13 +1205,12 @@ def test_a_failed_one_statement_write_in_a_commit_group_undoes_itself_only(db_pa
     store.finish_commit_group()
     assert _visible_elsewhere(db_path) == ["after", "before"]
     assert store.get(kept["id"])["description"] == "changed after the failure"
-    store.close()
 
 
-def test_a_write_whose_failure_rolls_back_the_group_loses_the_whole_group(db_path):
+def test_a_write_whose_failure_rolls_back_the_group_loses_the_whole_group(db_path, closing):
     # RAISE(ROLLBACK) in a CRM's trigger ends the transaction, not just the
     # statement, with an IntegrityError: the group must not go on in a new one.
-    store = _store_with_a_crm_trigger(db_path, "ROLLBACK", "the CRM rolls back")
+    store = closing(_store_with_a_crm_trigger(db_path, "ROLLBACK", "the CRM rolls back"))
     for one_statement in (True, False):  # a create, then an idempotent create (savepoint)
         store.start_commit_group()
         store.create({"subject": "before"})
@@ -1083,11 +1227,10 @@ def test_a_write_whose_failure_rolls_back_the_group_loses_the_whole_group(db_pat
         assert _visible_elsewhere(db_path) == []
     store.create({"subject": "on its own"})
     assert _visible_elsewhere(db_path) == ["on its own"]
-    store.close()
 
 
-def test_a_commit_group_whose_transaction_is_lost_commits_nothing(db_path):
-    store = _FillingDisk(db_path)
+def test_a_commit_group_whose_transaction_is_lost_commits_nothing(db_path, closing):
+    store = closing(_FillingDisk(db_path))
     store.start_commit_group()
     store.create({"subject": "small"})
     store.full = True
@@ -1104,11 +1247,10 @@ def test_a_commit_group_whose_transaction_is_lost_commits_nothing(db_path):
     assert _visible_elsewhere(db_path) == []
     store.create({"subject": "afterwards"})
     assert _visible_elsewhere(db_path) == ["afterwards"]
-    store.close()
 
 
-def test_a_failed_commit_of_a_group_rolls_it_back(db_path):
-    store = _Refusing(db_path)
+def test_a_failed_commit_of_a_group_rolls_it_back(db_path, closing):
+    store = closing(_Refusing(db_path))
     store.start_commit_group()
     store.create({"subject": "never"})
     store.refuse = lambda action, verb: action == sqlite3.SQLITE_TRANSACTION and verb == "COMMIT"
@@ -1119,7 +1261,6 @@ def test_a_failed_commit_of_a_group_rolls_it_back(db_path):
     assert _visible_elsewhere(db_path) == []
     store.create({"subject": "next"})
     assert _visible_elsewhere(db_path) == ["next"]
-    store.close()
 
 
 def test_the_wal_stays_bounded_under_continuous_writes(db_path):
@@ -1135,13 +1276,12 @@ def test_the_wal_stays_bounded_under_continuous_writes(db_path):
         assert checkpointed[1] < genesy_tasks.DEFAULT_CHECKPOINT_PAGES + 50
 
 
-def test_tasks_persist_across_reopening(db_path):
-    first = webtest.TestApp(make_app(db_path, api_keys=KEY))
+def test_tasks_persist_across_reopening(db_path, closing):
+    first = webtest.TestApp(closing(make_app(db_path, api_keys=KEY)))
     task = first.post_json("/tasks", FULL_TASK, headers=HEADERS).json
     first.app.close()
-    second = make_app(db_path, api_keys=KEY)
+    second = closing(make_app(db_path, api_keys=KEY))
     assert webtest.TestApp(second).get("/tasks/" + task["id"], headers=HEADERS).json == task
-    second.close()
 
 
 def test_the_store_uses_wal_and_namespaced_tables_beside_a_crms_own(db_path):
@@ -1287,10 +1427,10 @@ MOUNT_RECIPES = {
 
 
 @pytest.mark.parametrize("recipe", sorted(MOUNT_RECIPES))
-def test_mounted_under_a_prefix_every_answer_is_the_apis_own(db_path, recipe):
+def test_mounted_under_a_prefix_every_answer_is_the_apis_own(db_path, recipe, closing):
     build_crm, mount = MOUNT_RECIPES[recipe]
     crm, seen = build_crm()
-    tasks = make_app(db_path, api_keys=KEY)
+    tasks = closing(make_app(db_path, api_keys=KEY))
     client = webtest.TestApp(mount(crm, tasks))
     # The CRM's own pages keep their hook.
     assert client.get("/contacts", status=302).headers["Location"].endswith("/login")
@@ -1312,7 +1452,6 @@ def test_mounted_under_a_prefix_every_answer_is_the_apis_own(db_path, recipe):
     # The dashboard and the OpenAPI document know where they are.
     assert client.get("/genesy/openapi.json").json["servers"] == [{"url": "/genesy"}]
     assert seen == ["/contacts"]  # no request below the prefix reached the CRM
-    tasks.close()
 
 
 def test_the_readmes_mount_recipes_are_the_tested_ones():
@@ -1343,38 +1482,31 @@ def _open_files():
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_thread_per_request_server_keeps_open_files_bounded(db_path):
+def test_a_thread_per_request_server_keeps_open_files_bounded(db_path, closing, serve):
     # Flask's own development server starts a thread per connection; closing
     # each connection makes it a thread per request.
     from werkzeug.serving import make_server
     crm, _ = _flask_crm()
-    tasks = make_app(db_path, api_keys=KEY)
+    tasks = closing(make_app(db_path, api_keys=KEY))
     task = tasks.store.create({"subject": "read a thousand times"})
     crm.wsgi_app = genesy_tasks.mount(crm.wsgi_app, "/genesy", tasks)
-    server = make_server("127.0.0.1", 0, crm, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        def get():
-            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
-            conn.request("GET", "/genesy/tasks/" + task["id"],
-                         headers={**HEADERS, "Connection": "close"})
-            response = conn.getresponse()
-            assert (response.status, json.loads(response.read())["id"]) == (200, task["id"])
-            conn.close()
+    server = serve(crm, via=lambda app: make_server("127.0.0.1", 0, app, threaded=True))
 
-        for _ in range(20):  # warm up: the first connections, imports, caches
-            get()
-        before = _open_files()
-        for _ in range(1000):
-            get()
-        # Without taking over finished threads' connections: 3 files each.
-        assert _open_files() <= before + 12
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-        tasks.close()
+    def get():
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+        conn.request("GET", "/genesy/tasks/" + task["id"],
+                     headers={**HEADERS, "Connection": "close"})
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())["id"]) == (200, task["id"])
+        conn.close()
+
+    for _ in range(20):  # warm up: the first connections, imports, caches
+        get()
+    before = _open_files()
+    for _ in range(1000):
+        get()
+    # Without taking over finished threads' connections: 3 files each.
+    assert _open_files() <= before + 12
 
 
 def test_connections_of_finished_threads_are_reused_then_closed(store):
@@ -1407,17 +1539,16 @@ def test_importing_the_module_creates_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_the_module_level_app_is_built_from_the_environment(tmp_path, monkeypatch):
+def test_the_module_level_app_is_built_from_the_environment(tmp_path, monkeypatch,
+                                                             lazy_app):
     monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
     monkeypatch.setenv("GENESY_API_KEY", "k1, k2")
     monkeypatch.setenv("GENESY_API_KEY_HEADER", "X-Secret")
-    lazy = genesy_tasks._LazyApp()
     assert not (tmp_path / "env.db").exists()
-    client = webtest.TestApp(lazy)
+    client = webtest.TestApp(lazy_app)
     client.get("/health", headers={"X-Secret": "k2"}, status=200)
     client.get("/health", headers={"X-API-Key": "k1"}, status=401)
     assert (tmp_path / "env.db").exists()
-    lazy._app.close()
 
 
 # -- the change feed -----------------------------------------------------------------------
@@ -1551,20 +1682,19 @@ def test_get_changes_over_http(api, store):
                      mentions=[mentions])
 
 
-def test_a_cursor_beyond_the_feed_is_a_410_after_a_restore(api, store, tmp_path):
+def test_a_cursor_beyond_the_feed_is_a_410_after_a_restore(api, store, tmp_path, closing):
     create(api)
     backup = str(tmp_path / "backup.db")
     genesy_tasks.backup_database(store.path, backup)
     create(api)
     create(api)
     cursor = api.get("/changes", headers=HEADERS).json["nextCursor"]  # 3
-    restored = make_app(backup, api_keys=KEY)  # the file as it was before the second
+    restored = closing(make_app(backup, api_keys=KEY))  # the file as it was before the second
     client = webtest.TestApp(restored)
     create(client)
     assert_error(client.get("/changes?after=" + cursor, headers=HEADERS, status=410), 410,
                  "Cursor expired", ["restored"])
     assert len(client.get("/changes", headers=HEADERS).json["changes"]) == 2
-    restored.close()
 
 
 def test_an_expired_cursor_is_a_410(api, store, db_path):
@@ -1587,8 +1717,7 @@ _SCHEMA_V3_TASKS = [
 
 
 def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
-    store = TaskStore(db_path)
-    store.close()
+    TaskStore(db_path).close()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3, by hand
         for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_renamed",
                      "genesy_tasks_deleted"):
@@ -1608,9 +1737,8 @@ def test_a_release_3_database_gets_its_tasks_into_the_feed(db_path):
 
 
 def test_a_crms_own_triggers_fire_for_writes_only_never_for_the_feed_or_its_upgrade(db_path):
-    store = TaskStore(db_path)
-    kept = store.create({"subject": "from release 3", "contactId": "contact-1"})
-    store.close()
+    with TaskStore(db_path) as store:
+        kept = store.create({"subject": "from release 3", "contactId": "contact-1"})
     with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to schema 3
         for name in ("genesy_tasks_created", "genesy_tasks_updated", "genesy_tasks_renamed",
                      "genesy_tasks_deleted"):
@@ -1686,8 +1814,9 @@ def test_a_subscriber_gets_each_commits_changes_in_the_feeds_shape(store):
     assert len(recorder.calls) == 4
 
 
-def test_a_subscriber_never_hears_of_a_write_that_was_rolled_back(db_path, monkeypatch):
-    store = TaskStore(db_path)
+def test_a_subscriber_never_hears_of_a_write_that_was_rolled_back(db_path, monkeypatch,
+                                                                  closing):
+    store = closing(TaskStore(db_path))
     recorder = _Recorder()
     store.subscribe(recorder)
     kept = store.create({"subject": "kept"})
@@ -1731,27 +1860,28 @@ def test_a_failing_subscriber_is_logged_and_fails_nothing(tasks_app, capfd):
     assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
 
 
-def test_subscribers_under_the_built_in_server_hear_after_the_group_commits(db_path):
-    store = TaskStore(db_path)
+def test_subscribers_under_the_built_in_server_hear_after_the_group_commits(db_path, closing,
+                                                                           serve):
+    store = closing(TaskStore(db_path))
     recorder = _Recorder()
     store.subscribe(recorder)
-    application = make_app(store, api_keys=KEY)
-    with _server_thread(application) as server:
-        creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
-                   for n in range(10)]
-        responses = _pipelined(server.port, *creates,
-                               _request_bytes("GET", "/health", headers={"Connection": "close"}))
-        assert [status for status, _, _ in responses] == [201] * 10 + [200]
-        _wait_for(lambda: sum(len(call) for call in recorder.calls) == 10)
+    application = closing(make_app(store, api_keys=KEY))
+    server = serve(application)
+    creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
+               for n in range(10)]
+    responses = _pipelined(server.port, *creates,
+                           _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    assert [status for status, _, _ in responses] == [201] * 10 + [200]
+    _wait_for(lambda: sum(len(call) for call in recorder.calls) == 10)
+    server.stop()
     assert [c["task"]["subject"] for call in recorder.calls for c in call] == [
         "burst %02d" % n for n in range(10)]
-    application.close()
 
 
-def test_subscribers_hear_of_commits_in_commit_order_whatever_the_thread(db_path):
+def test_subscribers_hear_of_commits_in_commit_order_whatever_the_thread(db_path, closing):
     # A CRM trigger logs each update inside its transaction, so in commit
     # order; the subscriber must hear them in that same order.
-    store = TaskStore(db_path)
+    store = closing(TaskStore(db_path))
     task = store.create({"subject": "contended"})
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         conn.execute("CREATE TABLE crm_log (seq INTEGER PRIMARY KEY, description TEXT)")
@@ -1776,15 +1906,14 @@ def test_subscribers_hear_of_commits_in_commit_order_whatever_the_thread(db_path
     assert len(committed) == 240 and heard == committed
 
 
-def test_subscribers_keep_hearing_after_close_as_the_store_is_used_again(db_path):
-    store = TaskStore(db_path)
+def test_subscribers_keep_hearing_after_close_as_the_store_is_used_again(db_path, closing):
+    store = closing(TaskStore(db_path))
     recorder = _Recorder()
     store.subscribe(recorder)
     store.create({"subject": "before"})
     store.close()
     store.create({"subject": "after"})  # the store opens again, and so does delivery
     recorder.wait(2)
-    store.close()
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -1794,14 +1923,14 @@ def _known_contacts_only(task, previous):
         raise TaskValidationError("unknown contact: %s" % task["contactId"])
 
 
-def test_a_validator_refuses_creates_and_updates_with_a_400_and_writes_nothing(db_path):
+def test_a_validator_refuses_creates_and_updates_with_a_400_and_writes_nothing(db_path, closing):
     calls = []
 
     def validate(task, previous):
         calls.append((dict(task), previous and dict(previous)))
         _known_contacts_only(task, previous)
 
-    application = make_app(db_path, api_keys=KEY, validate=validate)
+    application = closing(make_app(db_path, api_keys=KEY, validate=validate))
     api = webtest.TestApp(application)
     body = assert_error(api.post_json("/tasks", {"subject": "x", "contactId": "contact-9"},
                                       headers=HEADERS, status=400), 400, "Invalid request")
@@ -1815,15 +1944,14 @@ def test_a_validator_refuses_creates_and_updates_with_a_400_and_writes_nothing(d
     assert api.get("/tasks/" + task["id"], headers=HEADERS).json == task
     done = api.patch_json("/tasks/" + task["id"], {"completed": True}, headers=HEADERS).json
     assert calls[-1] == (done, task)
-    application.close()
 
 
-def test_a_validator_refusing_one_task_of_a_batch_completes_none(db_path):
+def test_a_validator_refusing_one_task_of_a_batch_completes_none(db_path, closing):
     def validate(task, previous):
         if task["completed"] and task["subject"] == "not yet":
             raise TaskValidationError("%s cannot be completed yet" % task["id"])
 
-    application = make_app(db_path, api_keys=KEY, validate=validate)
+    application = closing(make_app(db_path, api_keys=KEY, validate=validate))
     api = webtest.TestApp(application)
     ok, refused = create(api, subject="fine"), create(api, subject="not yet")
     assert_error(api.patch_json("/tasks/batch", {"ids": [ok["id"], refused["id"]],
@@ -1831,11 +1959,10 @@ def test_a_validator_refusing_one_task_of_a_batch_completes_none(db_path):
                                 headers=HEADERS, status=400), 400, mentions=[refused["id"]])
     assert [t["completed"] for t in application.store.get_many([ok["id"], refused["id"]])] \
         == [False, False]
-    application.close()
 
 
 @pytest.mark.parametrize("served", [False, True])
-def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served):
+def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served, closing, serve):
     TaskStore(db_path).close()
     with contextlib.closing(sqlite3.connect(db_path)) as crm:
         crm.execute("CREATE TABLE contacts (id TEXT PRIMARY KEY)")
@@ -1845,13 +1972,14 @@ def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served):
              AND NEW.contact_id NOT IN (SELECT id FROM contacts)
             BEGIN SELECT RAISE(ABORT, 'unknown contact'); END""")
         crm.commit()
-    application = make_app(db_path, api_keys=KEY)
+    application = closing(make_app(db_path, api_keys=KEY))
     if served:
-        with _server_thread(application) as server:
-            responses = _pipelined(server.port, *[
-                _request_bytes("POST", "/tasks", {"subject": "x", "contactId": contact})
-                for contact in ("contact-9", "contact-1")],
-                _request_bytes("GET", "/health", headers={"Connection": "close"}))
+        server = serve(application)
+        responses = _pipelined(server.port, *[
+            _request_bytes("POST", "/tasks", {"subject": "x", "contactId": contact})
+            for contact in ("contact-9", "contact-1")],
+            _request_bytes("GET", "/health", headers={"Connection": "close"}))
+        server.stop()
         assert [status for status, _, _ in responses] == [400, 201, 200]
         assert responses[0][2] == {"error": "Invalid request", "message": "unknown contact"}
     else:
@@ -1861,10 +1989,10 @@ def test_a_crms_refusing_trigger_is_a_400_with_its_message(db_path, served):
             == "unknown contact"
         create(api, contactId="contact-1")
     assert [task["contactId"] for task in application.store.list()["tasks"]] == ["contact-1"]
-    application.close()
 
 
-def test_a_trigger_that_rolls_back_is_still_a_400_for_its_request_under_the_server(db_path):
+def test_a_trigger_that_rolls_back_is_still_a_400_for_its_request_under_the_server(db_path,
+                                                                                  closing, serve):
     # RAISE(ROLLBACK) ends the commit group's transaction: the writes before it
     # in the group are lost (503, retry), but the refused request's own answer
     # is its refusal, not a 503 that a client would retry for ever.
@@ -1873,19 +2001,19 @@ def test_a_trigger_that_rolls_back_is_still_a_400_for_its_request_under_the_serv
         crm.execute("""CREATE TRIGGER crm_refuses BEFORE INSERT ON genesy_tasks
             WHEN NEW.subject = 'refused' BEGIN SELECT RAISE(ROLLBACK, 'refused by the CRM'); END""")
         crm.commit()
-    application = make_app(db_path, api_keys=KEY)
-    with _server_thread(application) as server:
-        responses = _pipelined(server.port, *[
-            _request_bytes("POST", "/tasks", {"subject": subject})
-            for subject in ("before", "refused")],
-            _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    application = closing(make_app(db_path, api_keys=KEY))
+    server = serve(application)
+    responses = _pipelined(server.port, *[
+        _request_bytes("POST", "/tasks", {"subject": subject})
+        for subject in ("before", "refused")],
+        _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    server.stop()
     assert [status for status, _, _ in responses] == [503, 400, 200]
     assert responses[1][2] == {"error": "Invalid request", "message": "refused by the CRM"}
     assert application.store.count() == 0
-    application.close()
 
 
-def test_a_validator_runs_inside_the_write_and_never_refuses_a_replay(db_path):
+def test_a_validator_runs_inside_the_write_and_never_refuses_a_replay(db_path, closing):
     contacts = {"contact-1"}
     locked = []
 
@@ -1899,7 +2027,7 @@ def test_a_validator_runs_inside_the_write_and_never_refuses_a_replay(db_path):
         if task["contactId"] not in contacts:
             raise TaskValidationError("unknown contact")
 
-    store = TaskStore(db_path, validate=validate)
+    store = closing(TaskStore(db_path, validate=validate))
     first, replayed = store.create_idempotent({"subject": "x", "contactId": "contact-1"}, "k1")
     contacts.clear()  # the contact is deleted; Genesy retries the create
     assert store.create_idempotent({"subject": "x", "contactId": "contact-1"}, "k1") == (
@@ -1909,12 +2037,11 @@ def test_a_validator_runs_inside_the_write_and_never_refuses_a_replay(db_path):
     with pytest.raises(TaskValidationError):
         store.create_many([{"subject": "z", "contactId": "contact-1"}])
     assert locked == [True] * 3 and store.count() == 1
-    store.close()
 
 
-def test_a_trigger_that_fails_half_way_in_a_commit_group_keeps_nothing(db_path):
+def test_a_trigger_that_fails_half_way_in_a_commit_group_keeps_nothing(db_path, closing):
     # RAISE(FAIL) keeps what its statement did so far: here, the task row.
-    store = TaskStore(db_path)
+    store = closing(TaskStore(db_path))
     with contextlib.closing(sqlite3.connect(db_path)) as crm:
         crm.execute("""CREATE TRIGGER crm_fails AFTER INSERT ON genesy_tasks
             WHEN NEW.subject = 'refused' BEGIN SELECT RAISE(FAIL, 'refused late'); END""")
@@ -1927,7 +2054,6 @@ def test_a_trigger_that_fails_half_way_in_a_commit_group_keeps_nothing(db_path):
     store.finish_commit_group()
     assert _visible_elsewhere(db_path) == ["after", "before"]
     assert [c["task"]["subject"] for c in _follow(store)[0]] == ["before", "after"]
-    store.close()
 
 
 # -- users ------------------------------------------------------------------------------------
@@ -1938,13 +2064,12 @@ USERS = [{"id": "user-1", "name": "Ana", "email": "ana@example.com"},
 
 def test_get_users_from_a_list_or_a_function(db_path):
     for users in (USERS, lambda: USERS):
-        application = make_app(db_path, api_keys=KEY, users=users)
-        api = webtest.TestApp(application)
-        response = api.get("/users", headers=HEADERS, status=200)
-        assert (response.content_type, response.json) == ("application/json", USERS)
-        assert_error(api.get("/users", status=401), 401)
-        assert "/users" in api.get("/openapi.json").json["paths"]
-        application.close()
+        with contextlib.closing(make_app(db_path, api_keys=KEY, users=users)) as application:
+            api = webtest.TestApp(application)
+            response = api.get("/users", headers=HEADERS, status=200)
+            assert (response.content_type, response.json) == ("application/json", USERS)
+            assert_error(api.get("/users", status=401), 401)
+            assert "/users" in api.get("/openapi.json").json["paths"]
 
 
 def test_without_users_get_users_is_a_json_404(api):
@@ -1967,27 +2092,23 @@ def test_users_are_validated(db_path, users, mentions):
         make_app(db_path, api_keys=KEY, users=users)
 
 
-def test_a_users_function_returning_nonsense_is_a_logged_500(db_path):
-    application = make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u"}])
+def test_a_users_function_returning_nonsense_is_a_logged_500(db_path, closing):
+    application = closing(make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u"}]))
     response = webtest.TestApp(application).get("/users", headers=HEADERS, status=500,
                                                 expect_errors=True)
     assert_error(response, 500)
     assert "name must be a non-empty string" in response.errors
-    application.close()
 
 
-def test_users_from_a_file_on_the_command_line(tmp_path):
+def test_users_from_a_file_on_the_command_line(tmp_path, start_process):
     users = tmp_path / "users.json"
     users.write_text(json.dumps(USERS))
-    running = Server(tmp_path, "--users", str(users))
-    try:
-        assert running.request("GET", "/users")[::2] == (200, USERS)
-        status, lines = _check("http://%s:%d" % (running.host, running.port), "--api-key", KEY)
-        assert status == 0, lines
-        assert "PASS  users (optional): GET /users -> 200, 2 users, each with an id and a " \
-               "name; tasks go to the first, user-1" in lines
-    finally:
-        running.stop()
+    running = start_process("--users", str(users))
+    assert running.request("GET", "/users")[::2] == (200, USERS)
+    status, lines = _check("http://%s:%d" % (running.host, running.port), "--api-key", KEY)
+    assert status == 0, lines
+    assert "PASS  users (optional): GET /users -> 200, 2 users, each with an id and a " \
+           "name; tasks go to the first, user-1" in lines
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2007,21 +2128,22 @@ def test_a_bad_users_file_stops_the_start_with_one_line(tmp_path, capsys, conten
     assert not (tmp_path / "t.db").exists()
 
 
-def test_check_reports_users_that_break_the_contract(db_path):
-    application = make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u", "nom": "A"}])
-    with _server_thread(application) as server:
-        status, lines = _check("http://127.0.0.1:%d" % server.port, "--api-key", KEY)
+def test_check_reports_users_that_break_the_contract(db_path, closing, serve):
+    application = closing(make_app(db_path, api_keys=KEY, users=lambda: [{"id": "u", "nom": "A"}]))
+    server = serve(application)
+    status, lines = _check("http://127.0.0.1:%d" % server.port, "--api-key", KEY)
+    server.stop()
     assert status == 1
     assert [line for line in lines if line.startswith("FAIL")] == [
         "FAIL  users (optional): GET /users -> 500 {\"error\":\"Internal server error\","
         "\"message\":\"the server failed to handle the request; the error was logged\"} "
         "(expected 200)"]
-    application.close()
 
 
 # -- one table of options ---------------------------------------------------------------------
 
-def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, monkeypatch):
+def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, monkeypatch,
+                                                                    lazy_app):
     users = tmp_path / "users.json"
     users.write_text(json.dumps(USERS))
     monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
@@ -2030,17 +2152,14 @@ def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, mo
     monkeypatch.setenv("GENESY_TASKS_MAX_BODY", "300")
     monkeypatch.setenv("GENESY_TASKS_BUSY_TIMEOUT", "0.25")
     monkeypatch.setenv("GENESY_TASKS_USERS", str(users))
-    lazy = genesy_tasks._LazyApp()
-    client = webtest.TestApp(lazy)
+    client = webtest.TestApp(lazy_app)
     assert_error(client.post_json("/tasks/batch", {"ids": ["t"] * 6}, headers=HEADERS,
                                   status=413), 413, "Batch too large")
     assert_error(client.post_json("/tasks", {"subject": "x" * 300}, headers=HEADERS,
                                   status=413), 413, "Payload too large")
     assert client.get("/users", headers=HEADERS).json == USERS
-    assert lazy._app.store.busy_timeout == 0.25
-    lazy._app.close()
+    assert lazy_app._app.store.busy_timeout == 0.25
     # Every option the table gives the app is one of make_app's arguments.
-    import inspect
     accepted = set(inspect.signature(make_app).parameters)
     assert {name for name, option in genesy_tasks._OPTIONS.items() if option.app} == {
         "db", "max_batch", "max_body", "busy_timeout", "users", "inspect", "record"}
@@ -2048,11 +2167,10 @@ def test_every_app_option_applies_to_the_wsgi_app_as_under_gunicorn(tmp_path, mo
 
 
 def test_a_bad_variable_under_gunicorn_is_a_json_500_and_one_logged_line(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, lazy_app):
     monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
     monkeypatch.setenv("GENESY_TASKS_MAX_BATCH", "lots")
-    lazy = genesy_tasks._LazyApp()
-    client = webtest.TestApp(lazy)
+    client = webtest.TestApp(lazy_app)
     logged = []
     for _ in range(2):
         response = client.get("/health", headers=HEADERS, status=500, expect_errors=True)
@@ -2062,7 +2180,6 @@ def test_a_bad_variable_under_gunicorn_is_a_json_500_and_one_logged_line(tmp_pat
                       "whole number\n", ""]  # once
     monkeypatch.setenv("GENESY_TASKS_MAX_BATCH", "5")
     client.get("/health", headers=HEADERS, status=401)  # fixed: built on the next request
-    lazy._app.close()
 
 
 def test_options_before_a_command_apply_to_it(tmp_path, capsys):
@@ -2083,25 +2200,22 @@ def test_options_before_a_command_apply_to_it(tmp_path, capsys):
                                     % (flag, argv[2])), err
 
 
-def test_make_app_takes_the_busy_timeout(db_path):
-    application = make_app(db_path, api_keys=KEY, busy_timeout=0.5)
+def test_make_app_takes_the_busy_timeout(db_path, closing):
+    application = closing(make_app(db_path, api_keys=KEY, busy_timeout=0.5))
     assert application.store.busy_timeout == 0.5
     with application.store._connection() as conn:
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 500
-    application.close()
 
 
-def test_the_wsgi_app_ignores_the_built_in_servers_variables(tmp_path, monkeypatch):
+def test_the_wsgi_app_ignores_the_built_in_servers_variables(tmp_path, monkeypatch, lazy_app):
     monkeypatch.setenv("GENESY_TASKS_DB", str(tmp_path / "env.db"))
     monkeypatch.setenv("GENESY_API_KEY", KEY)
     monkeypatch.setenv("GENESY_TASKS_PORT", "${PORT}")  # a platform's, for another server
-    lazy = genesy_tasks._LazyApp()
-    webtest.TestApp(lazy).get("/health", headers=HEADERS, status=200)
-    lazy._app.close()
+    webtest.TestApp(lazy_app).get("/health", headers=HEADERS, status=200)
 
 
-def test_the_event_loops_new_connections_never_wait_for_a_lock(db_path):
-    store = TaskStore(db_path)
+def test_the_event_loops_new_connections_never_wait_for_a_lock(db_path, closing):
+    store = closing(TaskStore(db_path))
     store.never_wait_on_this_thread()
     store._discard_connection()  # as after an error: the next call opens a new one
     other = sqlite3.connect(db_path, isolation_level=None)
@@ -2114,18 +2228,17 @@ def test_the_event_loops_new_connections_never_wait_for_a_lock(db_path):
         store.count()
     assert time.monotonic() - started < 1  # not the 5-second busy timeout
     other.close()
-    store.close()
 
 
 # -- secrets --------------------------------------------------------------------------------
 
 def test_a_generated_key_in_a_file_others_can_read_gets_one_warning(tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                   capsys, closing):
     monkeypatch.delenv("GENESY_API_KEY", raising=False)
     crm = tmp_path / "crm.db"
     sqlite3.connect(str(crm)).close()  # made by the CRM, with the umask's mode
     os.chmod(str(crm), 0o644)
-    application = make_app(str(crm))
+    application = closing(make_app(str(crm)))
     err = capsys.readouterr().err.splitlines()
     # The WAL file holds recent pages, the key's among them: it is named too.
     assert err == ["genesy-tasks: warning: other users can read the generated API key in "
@@ -2181,37 +2294,34 @@ def test_the_example_crm_refuses_unknown_contacts_and_records_completions(exampl
     assert_error(client.get("/genesy/nope", headers=HEADERS, status=404), 404)
 
 
-def test_python_examples_crm_py_runs_and_passes_the_check(tmp_path):
+def test_python_examples_crm_py_runs_and_passes_the_check(tmp_path, spawn):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GENESY_")}
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "examples", "crm.py")], cwd=str(tmp_path),
-        env={**environment, "CRM_PORT": str(port), "GENESY_API_KEY": KEY},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def up():
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-        _wait_for(up, timeout=20)
-        url = "http://127.0.0.1:%d/genesy" % port
-        status, lines = _check(url, "--api-key", KEY, "--contact-id", "contact-1")
-        assert status == 0, lines
-        assert lines[-1] == "12 checks: 12 passed, 0 failed"
-        # Without a contact it knows, the CRM refuses the check's tasks, as it should.
-        status, lines = _check(url, "--api-key", KEY)
-        assert status == 1 and "is not a contact of this CRM" in "\n".join(lines)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    spawn([sys.executable, os.path.join(HERE, "examples", "crm.py")], cwd=str(tmp_path),
+          env={**environment, "CRM_PORT": str(port), "GENESY_API_KEY": KEY},
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def up():
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+
+    _wait_for(up, timeout=20)
+    url = "http://127.0.0.1:%d/genesy" % port
+    status, lines = _check(url, "--api-key", KEY, "--contact-id", "contact-1")
+    assert status == 0, lines
+    assert lines[-1] == "12 checks: 12 passed, 0 failed"
+    # Without a contact it knows, the CRM refuses the check's tasks, as it should.
+    status, lines = _check(url, "--api-key", KEY)
+    assert status == 1 and "is not a contact of this CRM" in "\n".join(lines)
 
 
 # -- the request inspector -------------------------------------------------------------------
 
-def _inspected_app(db_path, **options):
-    application = make_app(db_path, api_keys=KEY, **options)
+def _inspected_app(closing, db_path, **options):
+    application = closing(make_app(db_path, api_keys=KEY, **options))
     return application, webtest.TestApp(application)
 
 
@@ -2220,8 +2330,8 @@ def _kept(client, **query):
     return client.get(path, headers=HEADERS).json["requests"]
 
 
-def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
-    application, client = _inspected_app(db_path)
+def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path, closing):
+    application, client = _inspected_app(closing, db_path)
     task = client.post_json("/tasks", {"subject": "Call"}, headers=HEADERS).json
     client.get("/nope?x=1", headers=HEADERS, status=404)
     client.get("/health", status=401)
@@ -2250,11 +2360,10 @@ def test_the_inspector_keeps_every_request_and_its_answer_newest_first(db_path):
     assert_error(client.get("/requests?after=x", headers=HEADERS, status=400), 400)
     assert_error(client.get("/requests", status=401), 401)
     assert_error(client.get("/requests?limit=0", headers=HEADERS, status=400), 400)
-    application.close()
 
 
-def test_the_inspector_leaves_out_the_dashboard_and_itself(db_path):
-    application, client = _inspected_app(db_path)
+def test_the_inspector_leaves_out_the_dashboard_and_itself(db_path, closing):
+    application, client = _inspected_app(closing, db_path)
     client.get("/")
     client.get("/tasks", headers={**HEADERS, "X-Genesy-Dashboard": "1"})
     client.get("/requests", headers=HEADERS)
@@ -2262,12 +2371,11 @@ def test_the_inspector_leaves_out_the_dashboard_and_itself(db_path):
     # Saying so without the key hides nothing.
     client.get("/tasks?probe=1", headers={"X-Genesy-Dashboard": "1"}, status=401)
     assert [entry["path"] for entry in _kept(client)] == ["/tasks?probe=1", "/openapi.json"]
-    application.close()
 
 
-def test_a_key_is_redacted_wherever_it_is_sent(db_path, tmp_path):
+def test_a_key_is_redacted_wherever_it_is_sent(db_path, tmp_path, closing):
     record = tmp_path / "rec.jsonl"
-    application, client = _inspected_app(db_path, header="X-Secret", record=str(record))
+    application, client = _inspected_app(closing, db_path, header="X-Secret", record=str(record))
     client.get("/health", headers={"X-API-Key": KEY}, status=401)  # the wrong header
     client.get("/nope?key=" + KEY, headers={"X-Secret": KEY}, status=404)
     client.post_json("/contacts", {"apiKey": KEY}, headers={"X-Secret": KEY}, status=404)
@@ -2279,8 +2387,8 @@ def test_a_key_is_redacted_wherever_it_is_sent(db_path, tmp_path):
     assert KEY not in json.dumps(kept) and KEY not in record.read_text()
 
 
-def test_the_inspector_is_bounded_and_redacts_secrets(db_path):
-    application, client = _inspected_app(db_path, inspect=3)
+def test_the_inspector_is_bounded_and_redacts_secrets(db_path, closing):
+    application, client = _inspected_app(closing, db_path, inspect=3)
     for n in range(5):
         client.get("/health?n=%d" % n, headers={**HEADERS, "Authorization": "Bearer secret",
                                                 "Cookie": "session=secret"})
@@ -2298,53 +2406,48 @@ def test_the_inspector_is_bounded_and_redacts_secrets(db_path):
     assert request["request"]["bytes"] == len(json.dumps(big))
     assert len(answer["response"]["body"]) == 4096 and answer["response"]["truncated"]
     assert answer["response"]["bytes"] > 70_000
-    application.close()
 
 
-def test_with_the_inspector_off_get_requests_is_a_json_404(db_path):
-    application, client = _inspected_app(db_path, inspect=0)
+def test_with_the_inspector_off_get_requests_is_a_json_404(db_path, closing):
+    application, client = _inspected_app(closing, db_path, inspect=0)
     client.get("/health", headers=HEADERS)
     assert_error(client.get("/requests", headers=HEADERS, status=404), 404,
                  mentions=["--inspect 0"])
     assert application.inspector is None
     assert "/requests" not in client.get("/openapi.json").json["paths"]
-    application.close()
     for wrong in (-1, genesy_tasks.DEFAULT_MAX_INSPECT + 1, True):
         with pytest.raises(ValueError, match="inspect"):
             make_app(db_path, api_keys=KEY, inspect=wrong)
 
 
-def test_a_request_that_waited_for_a_lock_is_kept_once(db_path):
+def test_a_request_that_waited_for_a_lock_is_kept_once(db_path, closing, serve):
     # The built-in server runs a write that met another writer's lock again
     # later; only the run that answered is kept.
-    application = make_app(db_path, api_keys=KEY, inspect=5)
-    with _server_thread(application) as server:
-        with _locked_by_another_process(db_path) as release:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            conn.request("POST", "/tasks", body=json.dumps({"subject": "waits"}),
-                         headers={**HEADERS, "Content-Type": "application/json"})
-            _wait_for(lambda: server._parked)
-            release()
-            response = conn.getresponse()
-            assert response.status == 201
-            response.read()
-            conn.close()
+    application = closing(make_app(db_path, api_keys=KEY, inspect=5))
+    server = serve(application)
+    with _locked_by_another_process(db_path) as release:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/tasks", body=json.dumps({"subject": "waits"}),
+                     headers={**HEADERS, "Content-Type": "application/json"})
+        _wait_for(lambda: server._parked)
+        release()
+        response = conn.getresponse()
+        assert response.status == 201
+        response.read()
+        conn.close()
+    server.stop()
     assert [(entry["method"], entry["response"]["status"])
             for entry in application.inspector.requests(10)] == [("POST", 201)]
-    application.close()
 
 
-def test_get_requests_over_http(tmp_path):
-    running = Server(tmp_path, "--inspect", "2")
-    try:
-        for n in range(3):
-            running.request("GET", "/tasks?limit=%d" % (n + 1))
-        status, _, body = running.request("GET", "/requests")
-        assert status == 200
-        assert [entry["path"] for entry in body["requests"]] == ["/tasks?limit=3",
-                                                                 "/tasks?limit=2"]
-    finally:
-        running.stop()
+def test_get_requests_over_http(start_process):
+    running = start_process("--inspect", "2")
+    for n in range(3):
+        running.request("GET", "/tasks?limit=%d" % (n + 1))
+    status, _, body = running.request("GET", "/requests")
+    assert status == 200
+    assert [entry["path"] for entry in body["requests"]] == ["/tasks?limit=3",
+                                                             "/tasks?limit=2"]
 
 
 def test_an_app_that_cannot_start_leaves_no_recording_thread_behind(tmp_path):
@@ -2355,8 +2458,8 @@ def test_an_app_that_cannot_start_leaves_no_recording_thread_behind(tmp_path):
     assert threading.active_count() == before
 
 
-def test_an_odd_content_length_never_fails_the_inspector(db_path):
-    application = make_app(db_path, api_keys=KEY)
+def test_an_odd_content_length_never_fails_the_inspector(db_path, closing):
+    application = closing(make_app(db_path, api_keys=KEY))
     answers = []
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/tasks", "SERVER_NAME": "x",
                "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
@@ -2365,11 +2468,10 @@ def test_an_odd_content_length_never_fails_the_inspector(db_path):
     body = b"".join(application(environ, lambda status, headers, exc_info=None:
                                 answers.append(status)))
     assert answers == ["401 Unauthorized"] and json.loads(body)["error"] == "Unauthorized"
-    application.close()
 
 
-def test_requests_kept_by_several_threads_are_numbered_in_the_order_kept(db_path):
-    application, client = _inspected_app(db_path, inspect=2000)
+def test_requests_kept_by_several_threads_are_numbered_in_the_order_kept(db_path, closing):
+    application, client = _inspected_app(closing, db_path, inspect=2000)
 
     def knock():
         for _ in range(200):
@@ -2382,27 +2484,26 @@ def test_requests_kept_by_several_threads_are_numbered_in_the_order_kept(db_path
         thread.join()
     ids = [entry["id"] for entry in application.inspector.kept]
     assert len(ids) == 800 and ids == sorted(set(ids))
-    application.close()
 
 
-def test_a_write_that_timed_out_waiting_for_a_lock_is_kept_with_its_503(db_path):
-    store = TaskStore(db_path, busy_timeout=0.3)
-    application = make_app(store, api_keys=KEY)
-    with _server_thread(application) as server:
-        with _locked_by_another_process(db_path):
-            [(status, _, _)] = _pipelined(server.port, _request_bytes(
-                "POST", "/tasks", {"subject": "waits"}, headers={"Connection": "close"}))
+def test_a_write_that_timed_out_waiting_for_a_lock_is_kept_with_its_503(db_path, closing, serve):
+    store = closing(TaskStore(db_path, busy_timeout=0.3))
+    application = closing(make_app(store, api_keys=KEY))
+    server = serve(application)
+    with _locked_by_another_process(db_path):
+        [(status, _, _)] = _pipelined(server.port, _request_bytes(
+            "POST", "/tasks", {"subject": "waits"}, headers={"Connection": "close"}))
+    server.stop()
     assert status == 503
     kept = application.inspector.requests(10)
     assert [(entry["method"], entry["response"]["status"]) for entry in kept] == [
         ("POST", 503)]
-    application.close()
 
 
 def test_the_recording_keeps_a_stranger_s_bodies_cut_and_paths_from_the_mount(db_path,
-                                                                             tmp_path):
+                                                                             tmp_path, closing):
     record = tmp_path / "rec.jsonl"
-    api = make_app(db_path, api_keys=KEY, record=str(record))
+    api = closing(make_app(db_path, api_keys=KEY, record=str(record)))
     client = webtest.TestApp(genesy_tasks.mount(bottle.Bottle(), "/genesy", api))
     client.post("/genesy/contacts", b"x" * 100_000, status=404,
                 headers={"Content-Type": "application/json"})
@@ -2415,9 +2516,9 @@ def test_the_recording_keeps_a_stranger_s_bodies_cut_and_paths_from_the_mount(db
     assert stranger["path"] == known["path"] == "/contacts"  # replayable under any base URL
 
 
-def test_sigterm_writes_the_recording_to_its_last_request(tmp_path):
+def test_sigterm_writes_the_recording_to_its_last_request(tmp_path, start_process):
     record = tmp_path / "rec.jsonl"
-    running = Server(tmp_path, "--record", str(record))
+    running = start_process("--record", str(record))
     for n in range(30):
         running.request("GET", "/tasks/task-%d" % n)
     assert running.stop() == 0
@@ -2444,12 +2545,9 @@ def recording(tmp_path_factory):
     """One recording for the replay tests, which only read it."""
     directory = tmp_path_factory.mktemp("recording")
     path = directory / "genesy.jsonl"
-    running = Server(directory, "--record", str(path))
-    try:
+    with contextlib.closing(Server(directory, "--record", str(path))) as running:
         count = _genesy_session(running)
         _wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == count)
-    finally:
-        running.stop()
     return path
 
 
@@ -2477,16 +2575,14 @@ def test_a_recording_holds_each_request_and_answer_whole_with_the_key_redacted(r
 
 
 def test_a_recording_replays_against_a_fresh_server_and_every_request_passes(recording,
-                                                                            tmp_path):
-    fresh = Server(tmp_path, env={"GENESY_API_KEY": "another-key"},
-                   db=str(tmp_path / "fresh.db"))
-    try:
-        status, lines = _replay(recording, "http://%s:%d" % (fresh.host, fresh.port),
-                                "--api-key", "another-key")
-        with TaskStore(fresh.db) as store:
-            assert store.count() == 0  # what it created is deleted again
-    finally:
-        fresh.stop()
+                                                                            tmp_path,
+                                                                            start_process):
+    fresh = start_process(env={"GENESY_API_KEY": "another-key"}, db=str(tmp_path / "fresh.db"))
+    status, lines = _replay(recording, "http://%s:%d" % (fresh.host, fresh.port),
+                            "--api-key", "another-key")
+    with TaskStore(fresh.db) as store:
+        assert store.count() == 0  # what it created is deleted again
+    fresh.stop()
     assert status == 0, lines
     assert lines[-1] == "9 requests: 9 passed, 0 failed"
     assert re.match(r"PASS  #3 GET /tasks/task-\w+ -> 200$", lines[3])  # the new server's id
@@ -2501,19 +2597,19 @@ def test_a_recording_replays_against_a_fresh_server_and_every_request_passes(rec
      r"FAIL  #6 PATCH /tasks/batch -> 404: status 404, recorded 200; body: object, "
      r"recorded array"),
 ])
-def test_replay_reports_how_a_wrong_server_differs(recording, db_path, fault, line):
-    status, lines = _against_broken_server(
-        db_path, fault, lambda url, *args: _replay(recording, url, *args))
+def test_replay_reports_how_a_wrong_server_differs(recording, broken_server, fault, line):
+    status, lines = _replay(recording, broken_server(fault)[0], "--api-key", KEY)
     output = "\n".join(lines)
     assert status == 1, output
     assert re.search("^" + line + "$", output, re.M), output
     assert re.search(r"^9 requests: \d passed, [1-9] failed$", output, re.M), output
 
 
-def test_replay_finds_the_key_header_and_sends_bytes_that_are_not_utf_8(tmp_path):
+def test_replay_finds_the_key_header_and_sends_bytes_that_are_not_utf_8(tmp_path, closing,
+                                                                        serve):
     record = tmp_path / "secret.jsonl"
-    application = make_app(str(tmp_path / "a.db"), api_keys=KEY, header="X-Secret",
-                           record=str(record))
+    application = closing(make_app(str(tmp_path / "a.db"), api_keys=KEY, header="X-Secret",
+                                   record=str(record)))
     client = webtest.TestApp(application)
     client.post("/tasks", b'{"subject": "caf\xe9"}',
                 headers={"X-Secret": KEY, "Content-Type": "application/json"}, status=400)
@@ -2521,17 +2617,16 @@ def test_replay_finds_the_key_header_and_sends_bytes_that_are_not_utf_8(tmp_path
     application.close()
     line = json.loads(record.read_text().splitlines()[0])
     assert line["request"]["encoding"] == "base64"
-    other = make_app(str(tmp_path / "b.db"), api_keys="other-key", header="X-Secret")
-    with _server_thread(other) as server:
-        status, lines = _replay(record, "http://127.0.0.1:%d" % server.port,
-                                "--api-key", "other-key")
-    other.close()
+    other = closing(make_app(str(tmp_path / "b.db"), api_keys="other-key", header="X-Secret"))
+    server = serve(other)
+    status, lines = _replay(record, "http://127.0.0.1:%d" % server.port,
+                            "--api-key", "other-key")
     assert status == 0, lines  # the 400 again: the same bytes, not a UTF-8 guess
 
 
-def test_replaying_twice_against_one_server_passes_twice(tmp_path):
+def test_replaying_twice_against_one_server_passes_twice(tmp_path, closing, serve):
     record = tmp_path / "rec.jsonl"
-    application = make_app(str(tmp_path / "a.db"), api_keys=KEY, record=str(record))
+    application = closing(make_app(str(tmp_path / "a.db"), api_keys=KEY, record=str(record)))
     client = webtest.TestApp(application)
     for _ in range(2):  # Genesy retried the create
         task = client.post_json("/tasks", {"subject": "Once"},
@@ -2540,14 +2635,14 @@ def test_replaying_twice_against_one_server_passes_twice(tmp_path):
     client.get("/tasks/" + task["id"], headers={**HEADERS, "X-Note": "\u65e5\u672c"
                                                 .encode("utf-8").decode("latin-1")})
     application.close()
-    target = make_app(str(tmp_path / "b.db"), api_keys=KEY)
-    with _server_thread(target) as server:
-        for _ in range(2):
-            status, lines = _replay(record, "http://127.0.0.1:%d" % server.port, "--api-key", KEY)
-            assert status == 0, lines
-            assert "cleanup: deleted the 1 tasks the replay created" in lines
+    target = closing(make_app(str(tmp_path / "b.db"), api_keys=KEY))
+    server = serve(target)
+    for _ in range(2):
+        status, lines = _replay(record, "http://127.0.0.1:%d" % server.port, "--api-key", KEY)
+        assert status == 0, lines
+        assert "cleanup: deleted the 1 tasks the replay created" in lines
+    server.stop()
     assert target.store.count() == 0
-    target.close()
 
 
 def test_replay_against_nothing_or_with_a_bad_file(recording, tmp_path, capsys):
@@ -2622,17 +2717,16 @@ def test_the_openapi_document_lists_exactly_the_routes_the_app_serves(tasks_app,
     assert served == described
 
 
-def test_the_openapi_security_scheme_names_the_configured_header(db_path):
-    custom = make_app(db_path, api_keys=KEY, header="Authorization-Token")
+def test_the_openapi_security_scheme_names_the_configured_header(db_path, closing):
+    custom = closing(make_app(db_path, api_keys=KEY, header="Authorization-Token"))
     document = webtest.TestApp(custom).get("/openapi.json").json
     assert document["components"]["securitySchemes"]["apiKey"] == {
         "type": "apiKey", "in": "header", "name": "Authorization-Token"}
-    custom.close()
 
 
-def test_the_openapi_servers_entry_follows_the_mount_point(db_path):
+def test_the_openapi_servers_entry_follows_the_mount_point(db_path, closing):
     crm = bottle.Bottle()
-    crm.mount("/genesy/", make_app(db_path, api_keys=KEY))
+    crm.mount("/genesy/", closing(make_app(db_path, api_keys=KEY)))
     document = webtest.TestApp(crm).get("/genesy/openapi.json").json
     assert document["servers"] == [{"url": "/genesy"}]
 
@@ -2706,7 +2800,8 @@ def test_the_openapi_request_schemas_match_the_validation(api):
 # -- the real server ------------------------------------------------------------------------------
 
 class Server:
-    """``python genesy_tasks.py`` as a process, on a free port."""
+    """``python genesy_tasks.py`` as a process, on a free port. Tests start one with the
+    start_process fixture, which stops it at their end."""
 
     def __init__(self, tmp_path, *args, env=None, db=None):
         self.db = db or str(tmp_path / "server.db")
@@ -2718,13 +2813,17 @@ class Server:
             [sys.executable, MODULE, "--port", "0", "--db", self.db, *args],
             stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=environment,
             cwd=str(tmp_path))
-        self.banner = [self.process.stdout.readline()]
-        match = re.search(r"serving https?://([\d.]+):(\d+)", self.banner[0])
-        assert match, self.banner
-        self.host, self.port = match.group(1), int(match.group(2))
-        self.banner.append(self.process.stdout.readline())
-        if not environment.get("GENESY_API_KEY", "").strip():
+        try:
+            self.banner = [self.process.stdout.readline()]
+            match = re.search(r"serving https?://([\d.]+):(\d+)", self.banner[0])
+            assert match, self.banner
+            self.host, self.port = match.group(1), int(match.group(2))
             self.banner.append(self.process.stdout.readline())
+            if not environment.get("GENESY_API_KEY", "").strip():
+                self.banner.append(self.process.stdout.readline())
+        except BaseException:
+            self.close()
+            raise
 
     def connect(self, timeout=5):
         if self.banner[0].split()[3].startswith("https:"):
@@ -2765,15 +2864,22 @@ class Server:
         self.stderr.close()
         return code
 
+    def close(self):
+        """Stop it if it still runs, whatever its exit status: a test's cleanup."""
+        _end_process(self.process)
+        self.stderr.close()
+
     def log(self):
         if not self.stderr.closed:
             self.stderr.flush()
         return self.stderr_path.read_text()
 
 
-def _read_all(sock):
-    chunks = []
-    while True:
+def _read_all(sock, timeout=60):
+    """What ``sock`` receives until the other end closes it, resets it or is silent for
+    the socket's timeout; for ``timeout`` seconds at most."""
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             chunk = sock.recv(65536)
         except (ConnectionResetError, socket.timeout):
@@ -2785,23 +2891,20 @@ def _read_all(sock):
 
 
 @pytest.fixture
-def server(tmp_path):
-    running = Server(tmp_path)
-    yield running
-    running.stop()
+def server(start_process):
+    return start_process()
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory):
     """One server for the many cases of tests that only send a request and read
     the answer: a process for each case would cost more than all of them."""
-    running = Server(tmp_path_factory.mktemp("shared"))
-    yield running
-    running.stop()
+    with contextlib.closing(Server(tmp_path_factory.mktemp("shared"))) as running:
+        yield running
 
 
-def test_the_command_line_serves_and_stops_cleanly_on_sigterm(tmp_path):
-    running = Server(tmp_path)
+def test_the_command_line_serves_and_stops_cleanly_on_sigterm(start_process):
+    running = start_process()
     assert "API key header: X-API-Key" in running.banner[1]
     assert KEY not in "".join(running.banner)
     status, headers, body = running.request("POST", "/tasks", {"subject": "over the wire"})
@@ -2818,19 +2921,19 @@ def test_the_command_line_serves_and_stops_cleanly_on_sigterm(tmp_path):
         assert store.get(body["id"])["subject"] == "over the wire"
 
 
-def test_sigint_also_stops_cleanly(tmp_path):
-    running = Server(tmp_path)
+def test_sigint_also_stops_cleanly(start_process):
+    running = start_process()
     assert running.request("GET", "/health")[0] == 200
     assert running.stop(signal.SIGINT) == 0
 
 
-def test_a_generated_key_is_printed_at_every_start_and_reused(tmp_path):
-    first = Server(tmp_path, env={})
+def test_a_generated_key_is_printed_at_every_start_and_reused(start_process):
+    first = start_process(env={})
     key = re.search(r"API key: (\S+)", first.banner[2]).group(1)
     assert first.request("GET", "/health", headers={"X-API-Key": key})[0] == 200
     assert first.stop() == 0
     assert key not in first.log()
-    second = Server(tmp_path, env={"GENESY_API_KEY": "  "}, db=first.db)
+    second = start_process(env={"GENESY_API_KEY": "  "}, db=first.db)
     assert re.search(r"API key: (\S+)", second.banner[2]).group(1) == key
     second.stop()
 
@@ -2870,8 +2973,8 @@ def test_a_stalled_client_blocks_nobody(server):
     half_head.close()
 
 
-def test_a_body_over_the_limit_is_a_readable_413_and_the_server_keeps_serving(tmp_path):
-    running = Server(tmp_path, "--max-body", "1000")
+def test_a_body_over_the_limit_is_a_readable_413_and_the_server_keeps_serving(start_process):
+    running = start_process("--max-body", "1000")
     reply = running.raw(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 5000000\r\n\r\n"
                         + b"x" * 20000)
@@ -2914,8 +3017,8 @@ def test_malformed_http_gets_a_json_error_not_a_crash(shared_server, request_byt
     assert shared_server.request("GET", "/health")[0] == 200
 
 
-def test_an_acknowledged_task_survives_kill_9(tmp_path):
-    running = Server(tmp_path)
+def test_an_acknowledged_task_survives_kill_9(start_process):
+    running = start_process()
     acknowledged = []
     conn = running.connect()
     for n in range(50):
@@ -2929,7 +3032,7 @@ def test_an_acknowledged_task_survives_kill_9(tmp_path):
     running.process.kill()
     running.process.wait(timeout=10)
     running.stderr.close()
-    again = Server(tmp_path, db=running.db)
+    again = start_process(db=running.db)
     status, _, tasks = again.request("POST", "/tasks/batch", {"ids": acknowledged})
     assert [t["id"] for t in tasks] == acknowledged
     assert [t["completed"] for t in tasks] == [True] * 10 + [False] * 40
@@ -3021,27 +3124,25 @@ def test_every_bad_option_or_environment_value_is_one_line_and_exit_2(args, env)
     assert len(lines) == 1 and lines[0].startswith("genesy-tasks: "), result.stderr
 
 
-def test_a_log_on_a_full_disk_fails_nothing_and_sigterm_still_exits_0(tmp_path):
+def test_a_log_on_a_full_disk_fails_nothing_and_sigterm_still_exits_0(tmp_path, spawn):
     # stderr on /dev/full: every log write fails with ENOSPC.
     with open("/dev/full", "w") as full:
-        process = subprocess.Popen(
+        process = spawn(
             [sys.executable, MODULE, "--port", "0", "--db", str(tmp_path / "t.db")],
             stdout=subprocess.PIPE, stderr=full, text=True,
             env={**os.environ, "GENESY_API_KEY": KEY})
-        try:
-            port = int(re.search(r":(\d+) ", process.stdout.readline()).group(1))
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            for _ in range(3):
-                for method, path, status in (("POST", "/tasks", 201), ("GET", "/nowhere", 404)):
-                    conn.request(method, path, body=b'{"subject": "logged nowhere"}',
-                                 headers={**HEADERS, "Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    assert response.status == status
-                    response.read()
-            conn.close()
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=15) == 0
+    port = int(re.search(r":(\d+) ", process.stdout.readline()).group(1))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for _ in range(3):
+        for method, path, status in (("POST", "/tasks", 201), ("GET", "/nowhere", 404)):
+            conn.request(method, path, body=b'{"subject": "logged nowhere"}',
+                         headers={**HEADERS, "Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == status
+            response.read()
+    conn.close()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
 
 
 def test_flags_win_over_the_environment(monkeypatch):
@@ -3081,17 +3182,21 @@ def test_help_documents_every_option(capsys):
         assert word in text
 
 
-def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
-    running = Server(tmp_path)
+def test_sigterm_lets_an_in_flight_request_finish(start_process):
+    running = start_process()
     body = json.dumps({"subject": "in flight"}).encode()
+    # An idle kept-alive connection, which the server closes when it begins to stop.
+    idle = running.connect(timeout=10)
+    assert running.request("GET", "/health", conn=idle)[0] == 200
     with socket.create_connection((running.host, running.port), timeout=10) as sock:
         sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n"
                      % len(body) + body[:5])
-        time.sleep(0.3)
+        _wait_for(lambda: _read_by_the_server(sock))  # the request is in flight
         running.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert running.process.poll() is None
+        assert idle.sock.recv(1) == b""  # the server is stopping...
+        idle.close()
+        assert running.process.poll() is None  # ...and waits for the request in flight
         sock.sendall(body[5:])
         reply = _read_all(sock)
     head, _, payload = reply.partition(b"\r\n\r\n")
@@ -3142,8 +3247,8 @@ def test_check_passes_against_this_server_and_cleans_up(server):
         assert store.count() == 0
 
 
-def test_check_as_a_command_finds_a_fresh_servers_generated_key(tmp_path):
-    running = Server(tmp_path, env={}, db=str(tmp_path / "tasks.db"))
+def test_check_as_a_command_finds_a_fresh_servers_generated_key(tmp_path, start_process):
+    running = start_process(env={}, db=str(tmp_path / "tasks.db"))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GENESY_")}
     done = subprocess.run(
         [sys.executable, MODULE, "check", "http://%s:%d" % (running.host, running.port)],
@@ -3153,9 +3258,25 @@ def test_check_as_a_command_finds_a_fresh_servers_generated_key(tmp_path):
     assert done.stdout.splitlines()[-1] == "12 checks: 12 passed, 0 failed"
 
 
-def _broken_server(db_path, fault):
-    """This module's app with one fault added in front of it, served on a thread."""
-    real = make_app(db_path, api_keys=KEY)
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def broken_server(db_path, closing, serve):
+    """``broken_server(fault)``: this module's app with one fault added in front of it,
+    served on a thread by wsgiref's server: (its URL, the app)."""
+    def start(fault):
+        real = closing(make_app(db_path, api_keys=KEY))
+        httpd = serve(_broken(real, fault), via=lambda app: wsgiref.simple_server.make_server(
+            "127.0.0.1", 0, app, handler_class=_QuietHandler))
+        return "http://127.0.0.1:%d" % httpd.server_port, real
+    return start
+
+
+def _broken(real, fault):
+    """The app ``real`` with one fault added in front of it."""
     broken = bottle.Bottle()
 
     def json_reply(status, body):
@@ -3221,14 +3342,7 @@ def _broken_server(db_path, fault):
             return real(environ, start_response)
         return broken(environ, start_response)
 
-    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, dispatch, handler_class=Quiet)
-    # A short poll: shutdown() waits for one.
-    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    return httpd, real
+    return dispatch
 
 
 @pytest.mark.parametrize("fault, failed, line", [
@@ -3249,8 +3363,8 @@ def _broken_server(db_path, fault):
      r"FAIL  complete: PATCH /tasks/\S+ \{\"completed\": true\}: completed is false, "
      r"expected true"),
 ])
-def test_check_catches_a_broken_server_with_a_precise_line(db_path, fault, failed, line):
-    status, lines = _against_broken_server(db_path, fault, _check)
+def test_check_catches_a_broken_server_with_a_precise_line(broken_server, fault, failed, line):
+    status, lines = _check(broken_server(fault)[0], "--api-key", KEY)
     output = "\n".join(lines)
     assert status == 1, output
     assert sorted(re.findall(r"^FAIL  ([^:]+):", output, re.M)) == sorted(failed), output
@@ -3258,33 +3372,17 @@ def test_check_catches_a_broken_server_with_a_precise_line(db_path, fault, faile
     assert lines[-1] == "12 checks: %d passed, %d failed" % (12 - len(failed), len(failed))
 
 
-def _against_broken_server(db_path, fault, run, *args):
-    """``run(url, *args, "--api-key", KEY)`` against a broken server: (status, lines)."""
-    httpd, real = _broken_server(db_path, fault)
-    try:
-        return run("http://127.0.0.1:%d" % httpd.server_port, *args, "--api-key", KEY)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        real.close()
+def test_check_says_what_it_left_behind_when_delete_is_not_supported(broken_server):
+    url, real = broken_server("no-delete")
+    status, lines = _check(url, "--api-key", KEY)
+    assert status == 0
+    assert any(re.match(r"cleanup: left 3 tasks with the subject 'genesy-tasks check: "
+                        r"safe to delete \w+' \(DELETE answered 405\)", line)
+               for line in lines), lines
+    assert real.store.count() == 3
 
 
-def test_check_says_what_it_left_behind_when_delete_is_not_supported(db_path):
-    httpd, real = _broken_server(db_path, "no-delete")
-    try:
-        status, lines = _check("http://127.0.0.1:%d" % httpd.server_port, "--api-key", KEY)
-        assert status == 0
-        assert any(re.match(r"cleanup: left 3 tasks with the subject 'genesy-tasks check: "
-                            r"safe to delete \w+' \(DELETE answered 405\)", line)
-                   for line in lines), lines
-        assert real.store.count() == 3
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        real.close()
-
-
-def test_check_against_nothing_fails_fast_with_the_reason(tmp_path):
+def test_check_against_nothing_fails_fast_with_the_reason():
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
@@ -3323,9 +3421,10 @@ def test_the_dashboard_is_one_self_contained_page_that_needs_no_key(api):
     assert re.search(r'<input id="key" type="password"(?![^>]*name=)', page)
 
 
-def test_the_dashboard_escapes_the_configured_header_and_knows_its_mount_point(db_path):
+def test_the_dashboard_escapes_the_configured_header_and_knows_its_mount_point(db_path,
+                                                                              closing):
     crm = bottle.Bottle()
-    crm.mount("/genesy/", make_app(db_path, api_keys=KEY, header="X-Key&'"))
+    crm.mount("/genesy/", closing(make_app(db_path, api_keys=KEY, header="X-Key&'")))
     page = webtest.TestApp(crm).get("/genesy/").text
     assert 'data-base="/genesy"' in page and 'data-key-header="X-Key&amp;&#x27;"' in page
 
@@ -3361,16 +3460,8 @@ def browser(tmp_path):
 def _eventually(check, timeout=15):
     """Poll ``check`` until it returns something true; the page refreshes every 2 s."""
     from selenium.common.exceptions import StaleElementReferenceException
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-        except (StaleElementReferenceException, LookupError):
-            result = None
-        if result:
-            return result
-        assert time.monotonic() < deadline, "timed out waiting for the page"
-        time.sleep(0.1)
+    return _wait_for(check, timeout, step=0.1,
+                     ignoring=(StaleElementReferenceException, LookupError))
 
 
 def _row(driver, task_id):
@@ -3532,51 +3623,47 @@ _LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[w[12]\] 127\.0\.0\.1 
                        r"\d{3} [\d.]+ms")
 
 
-def test_two_workers_share_the_port_and_each_logs_whole_lines(tmp_path):
-    running = Server(tmp_path, "--workers", "2")
-    try:
-        assert running.banner[0].rstrip().endswith("(database %s, 2 workers)" % running.db)
-        assert len(running.banner) == 2 and "not shown" in running.banner[1]  # printed once
-        _wait_for(lambda: len(_workers_of(running)) == 2)
+def test_two_workers_share_the_port_and_each_logs_whole_lines(start_process):
+    running = start_process("--workers", "2")
+    assert running.banner[0].rstrip().endswith("(database %s, 2 workers)" % running.db)
+    assert len(running.banner) == 2 and "not shown" in running.banner[1]  # printed once
+    _wait_for(lambda: len(_workers_of(running)) == 2)
 
-        def knock():  # many connections at once: both workers accept some
-            assert _health_on_new_connections(running, 30) == [200] * 30
+    def knock():  # many connections at once: both workers accept some
+        assert _health_on_new_connections(running, 30) == [200] * 30
 
-        threads = [threading.Thread(target=knock) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-        # How we know that requests landed on both: each worker tags its log lines.
-        log = _wait_for(lambda: running.log().count(" GET /health ") == 120 and running.log())
-        lines = [line for line in log.splitlines() if " GET /health " in line]
-        assert all(_LOG_LINE.fullmatch(line) for line in lines), lines  # never mixed
-        assert {line.split()[1] for line in lines} == {"[w1]", "[w2]"}
-    finally:
-        assert running.stop() == 0
+    threads = [threading.Thread(target=knock) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    # How we know that requests landed on both: each worker tags its log lines.
+    log = _wait_for(lambda: running.log().count(" GET /health ") == 120 and running.log())
+    lines = [line for line in log.splitlines() if " GET /health " in line]
+    assert all(_LOG_LINE.fullmatch(line) for line in lines), lines  # never mixed
+    assert {line.split()[1] for line in lines} == {"[w1]", "[w2]"}
+    assert running.stop() == 0
     assert "genesy-tasks: stopped" in running.log()
 
 
-def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(tmp_path):
-    running = Server(tmp_path, "--workers", "2")
-    try:
-        first, second = _wait_for(lambda: len(_workers_of(running)) == 2 and _workers_of(running))
-        os.kill(first, signal.SIGKILL)
-        assert _health_on_new_connections(running, 20) == [200] * 20
-        # (Until the parent reaps it, the killed one is still its child.)
-        workers = _wait_for(lambda: first not in _workers_of(running)
-                            and len(_workers_of(running)) == 2 and _workers_of(running))
-        assert second in workers
-        assert re.search(r"genesy-tasks: worker \d \(pid %d\) was killed by signal 9; "
-                         r"starting another" % first, running.log())
-        assert _health_on_new_connections(running, 5) == [200] * 5
-    finally:
-        assert running.stop() == 0
+def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(start_process):
+    running = start_process("--workers", "2")
+    first, second = _wait_for(lambda: len(_workers_of(running)) == 2 and _workers_of(running))
+    os.kill(first, signal.SIGKILL)
+    assert _health_on_new_connections(running, 20) == [200] * 20
+    # (Until the parent reaps it, the killed one is still its child.)
+    workers = _wait_for(lambda: first not in _workers_of(running)
+                        and len(_workers_of(running)) == 2 and _workers_of(running))
+    assert second in workers
+    assert re.search(r"genesy-tasks: worker \d \(pid %d\) was killed by signal 9; "
+                     r"starting another" % first, running.log())
+    assert _health_on_new_connections(running, 5) == [200] * 5
+    assert running.stop() == 0
     assert _wait_for(lambda: not any(os.path.exists("/proc/%d" % pid) for pid in workers))
 
 
-def test_sigterm_stops_every_worker_and_loses_nothing_acknowledged(tmp_path):
-    running = Server(tmp_path, "--workers", "2")
+def test_sigterm_stops_every_worker_and_loses_nothing_acknowledged(start_process):
+    running = start_process("--workers", "2")
     acknowledged, stop = [], threading.Event()
 
     def client(number):
@@ -3608,35 +3695,33 @@ def test_sigterm_stops_every_worker_and_loses_nothing_acknowledged(tmp_path):
     assert len(found) == len(acknowledged)
 
 
-def test_an_idempotency_key_sent_to_two_workers_at_once_creates_one_task(tmp_path):
-    running = Server(tmp_path, "--workers", "2")
-    try:
-        results = {}
+def test_an_idempotency_key_sent_to_two_workers_at_once_creates_one_task(start_process):
+    running = start_process("--workers", "2")
+    results = {}
 
-        def send(key, barrier):
-            conn = running.connect()
-            barrier.wait(10)
-            status, headers, task = running.request(
-                "POST", "/tasks", {"subject": key},
-                headers={**HEADERS, "Idempotency-Key": key}, conn=conn)
-            conn.close()
-            results.setdefault(key, []).append((status, task["id"]))
+    def send(key, barrier):
+        conn = running.connect()
+        barrier.wait(10)
+        status, headers, task = running.request(
+            "POST", "/tasks", {"subject": key},
+            headers={**HEADERS, "Idempotency-Key": key}, conn=conn)
+        conn.close()
+        results.setdefault(key, []).append((status, task["id"]))
 
-        for n in range(16):
-            barrier = threading.Barrier(2)
-            pair = [threading.Thread(target=send, args=("key-%d" % n, barrier))
-                    for _ in range(2)]
-            for thread in pair:
-                thread.start()
-            for thread in pair:
-                thread.join(timeout=20)
-        assert all(len({task_id for _, task_id in answers}) == 1
-                   and [status for status, _ in answers] == [201, 201]
-                   for answers in results.values()) and len(results) == 16
-        log = running.log()
-        assert "[w1]" in log and "[w2]" in log
-    finally:
-        assert running.stop() == 0
+    for n in range(16):
+        barrier = threading.Barrier(2)
+        pair = [threading.Thread(target=send, args=("key-%d" % n, barrier))
+                for _ in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join(timeout=20)
+    assert all(len({task_id for _, task_id in answers}) == 1
+               and [status for status, _ in answers] == [201, 201]
+               for answers in results.values()) and len(results) == 16
+    log = running.log()
+    assert "[w1]" in log and "[w2]" in log
+    assert running.stop() == 0
     with TaskStore(running.db) as store:
         assert store.count() == 16
 
@@ -3659,28 +3744,27 @@ def test_log_lines_go_out_whole_in_writes_a_pipe_takes_in_one_piece(monkeypatch)
     assert len(writes) > 1
 
 
-def test_a_long_path_is_cut_in_the_log_and_the_line_keeps_its_status(tasks_app):
+def test_a_long_path_is_cut_in_the_log_and_the_line_keeps_its_status(tasks_app, serve):
     log = io.StringIO()
-    with _server_thread(tasks_app, log=log) as server:
-        [(status, _, _)] = _pipelined(server.port, _request_bytes(
-            "GET", "/" + "x" * 3000, headers={"Connection": "close"}))
-        assert status == 404
-        _wait_for(lambda: " 404 " in log.getvalue())
+    server = serve(tasks_app, log=log)
+    [(status, _, _)] = _pipelined(server.port, _request_bytes(
+        "GET", "/" + "x" * 3000, headers={"Connection": "close"}))
+    assert status == 404
+    _wait_for(lambda: " 404 " in log.getvalue())
+    server.stop()
     line = [line for line in log.getvalue().splitlines() if " 404 " in line][0]
     assert re.search(r" GET /x{499}\.\.\. 404 [\d.]+ms$", line), line
 
 
-def test_workers_warn_once_about_a_key_others_can_read(tmp_path):
+def test_workers_warn_once_about_a_key_others_can_read(tmp_path, start_process):
     db = tmp_path / "crm.db"
     sqlite3.connect(str(db)).close()
     os.chmod(str(db), 0o644)
-    running = Server(tmp_path, "--workers", "2", env={}, db=str(db))
-    try:
-        _wait_for(lambda: len(_workers_of(running)) == 2)
-        assert running.request("GET", "/health", headers={
-            "X-API-Key": running.banner[2].split()[2]})[0] == 200
-    finally:
-        assert running.stop() == 0
+    running = start_process("--workers", "2", env={}, db=str(db))
+    _wait_for(lambda: len(_workers_of(running)) == 2)
+    assert running.request("GET", "/health", headers={
+        "X-API-Key": running.banner[2].split()[2]})[0] == 200
+    assert running.stop() == 0
     assert running.log().count("other users can read the generated API key") == 1
 
 
@@ -3700,57 +3784,50 @@ def _stalled_connection(server):
     return sock
 
 
-def test_more_stalled_clients_than_the_cap_delay_but_never_stop_good_ones(tmp_path):
-    running = Server(tmp_path, "--max-connections", "4", "--request-timeout", "0.5")
-    try:
-        # The event loop and the WAL checkpointer, which starts with serving.
-        _wait_for(lambda: running.status()[1] == 2)
-        rss_before, threads_before, fds_before = running.status()
-        stalled = [_stalled_connection(running) for _ in range(5)]
-        time.sleep(0.3)
-        rss, threads, fds = running.status()
-        assert threads == threads_before == 2  # no thread per client
-        assert fds <= fds_before + 4  # the rest wait in the kernel's queue
+def test_more_stalled_clients_than_the_cap_delay_but_never_stop_good_ones(start_process):
+    running = start_process("--max-connections", "4", "--request-timeout", "0.5")
+    # The event loop and the WAL checkpointer, which starts with serving.
+    _wait_for(lambda: running.status()[1] == 2)
+    rss_before, threads_before, fds_before = running.status()
+    stalled = [_stalled_connection(running) for _ in range(5)]
+    # The server takes in as many as its cap, and reads what they sent.
+    _wait_for(lambda: sum(_read_by_the_server(sock) for sock in stalled) >= 4)
+    rss, threads, fds = running.status()
+    assert threads == threads_before == 2  # no thread per client
+    assert fds <= fds_before + 4  # the rest wait in the kernel's queue
+    started = time.monotonic()
+    # A good client queued behind more stalled ones than the cap is served
+    # once they time out: late, but served, and every stalled one got its 408.
+    status, _, body = running.request("GET", "/health", conn=running.connect(timeout=30))
+    assert (status, body) == (200, {"status": "ok"})
+    assert 0.5 <= time.monotonic() - started < 15
+    # (The 408's head is enough: the server lingers a while before closing.)
+    answers = [_read_all_until(sock, b"\r\n\r\n") for sock in stalled]
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers
+    rss_after, threads_after, fds_after = running.status()
+    assert threads_after == 2 and fds_after <= fds_before + 1
+    assert rss_after - rss_before < 10_000  # kB
+    for sock in stalled:
+        sock.close()
+    assert running.stop() == 0
+
+
+def test_a_silent_new_connection_is_closed_after_the_request_timeout(start_process):
+    running = start_process("--request-timeout", "1")
+    with socket.create_connection((running.host, running.port), timeout=10) as sock:
         started = time.monotonic()
-        # A good client queued behind more stalled ones than the cap is served
-        # once they time out: late, but served, and every stalled one got its 408.
-        status, _, body = running.request("GET", "/health", conn=running.connect(timeout=30))
-        assert (status, body) == (200, {"status": "ok"})
-        assert 0.5 <= time.monotonic() - started < 15
-        # (The 408's head is enough: the server lingers a while before closing.)
-        answers = [_read_all_until(sock, b"\r\n\r\n") for sock in stalled]
-        assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers), answers
-        rss_after, threads_after, fds_after = running.status()
-        assert threads_after == 2 and fds_after <= fds_before + 1
-        assert rss_after - rss_before < 10_000  # kB
-        for sock in stalled:
-            sock.close()
-    finally:
-        assert running.stop() == 0
+        assert _read_all(sock) == b""  # closed, nothing said: it asked nothing
+        assert time.monotonic() - started < 5
 
 
-def test_a_silent_new_connection_is_closed_after_the_request_timeout(tmp_path):
-    running = Server(tmp_path, "--request-timeout", "1")
-    try:
-        with socket.create_connection((running.host, running.port), timeout=10) as sock:
-            started = time.monotonic()
-            assert _read_all(sock) == b""  # closed, nothing said: it asked nothing
-            assert time.monotonic() - started < 5
-    finally:
-        running.stop()
-
-
-def test_at_the_cap_an_idle_kept_alive_connection_makes_room(tmp_path):
-    running = Server(tmp_path, "--max-connections", "2")
-    try:
-        idle = [running.connect() for _ in range(2)]
-        for conn in idle:
-            assert running.request("GET", "/health", conn=conn)[0] == 200
-        # A third client is served at once (within the client's 5-second
-        # timeout), not after the idle ones' 75-second keep-alive.
-        assert running.request("GET", "/health", conn=running.connect(timeout=5))[0] == 200
-    finally:
-        running.stop()
+def test_at_the_cap_an_idle_kept_alive_connection_makes_room(start_process):
+    running = start_process("--max-connections", "2")
+    idle = [running.connect() for _ in range(2)]
+    for conn in idle:
+        assert running.request("GET", "/health", conn=conn)[0] == 200
+    # A third client is served at once (within the client's 5-second
+    # timeout), not after the idle ones' 75-second keep-alive.
+    assert running.request("GET", "/health", conn=running.connect(timeout=5))[0] == 200
 
 
 @pytest.mark.parametrize("flag, value", [("--max-connections", "0"),
@@ -3763,76 +3840,63 @@ def test_bad_limits_are_refused_at_start(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
-@contextlib.contextmanager
-def _server_thread(app, **options):
-    """A TaskServer serving ``app`` from a thread of this process, so tests can look inside."""
-    if hasattr(app, "store"):  # the API's app: its writes commit in groups, as served
-        options.setdefault("commits", genesy_tasks._CommitGroups(app.store))
-    options.setdefault("log", io.StringIO())
-    server = genesy_tasks.TaskServer(app, "127.0.0.1", 0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(timeout=15)
-
-
-def test_slow_uploads_cannot_make_the_server_hold_more_than_its_buffer_budget(tasks_app):
+def test_slow_uploads_cannot_make_the_server_hold_more_than_its_buffer_budget(tasks_app,
+                                                                            serve):
     budget, body, clients = 256 * 1024, 128 * 1024, 16
-    with _server_thread(tasks_app, max_body=body, max_buffered=budget,
-                        request_timeout=1) as server:
-        assert server.max_buffered == budget
+    server = serve(tasks_app, max_body=body, max_buffered=budget, request_timeout=1)
+    assert server.max_buffered == budget
 
-        def stall():  # three quarters of a body, then nothing
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            sock.sendall(b"POST /tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % body + b" " * (body * 3 // 4))
-            time.sleep(0.03)  # one after another, as the server sees them
-            return sock
+    def stall():  # three quarters of a body, then nothing
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % body + b" " * (body * 3 // 4))
+        _wait_for(lambda: _accepted(server, sock))  # one after another, as the server sees them
+        return sock
 
-        ahead = [stall() for _ in range(6)]
-        # A well-behaved client arrives seventh, with its whole request...
-        good = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        good.request("POST", "/tasks", body=json.dumps({"subject": "patient"}),
-                     headers={**HEADERS, "Content-Type": "application/json"})
-        behind = [stall() for _ in range(clients - 6)]
-        peak, deadline = 0, time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            peak = max(peak, server._buffered)
-            time.sleep(0.002)
-        # Unbounded, the server would hold all 16 x 96 KiB; it holds at most the
-        # budget, one read and one request.
-        assert peak <= budget + 256 * 1024 + body + 64 * 1024 < clients * body * 3 // 4
-        # ...and is served once the stalled ones ahead of it have timed out.
-        assert good.getresponse().status == 201
-        good.close()
-        for sock in ahead + behind:
-            sock.close()
+    ahead = [stall() for _ in range(6)]
+    # A well-behaved client arrives seventh, with its whole request...
+    good = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    good.request("POST", "/tasks", body=json.dumps({"subject": "patient"}),
+                 headers={**HEADERS, "Content-Type": "application/json"})
+    _wait_for(lambda: _accepted(server, good.sock))
+    behind = [stall() for _ in range(clients - 6)]
+    # What the server holds, sampled every 2 ms for 1.5 s: a measurement, not a wait.
+    peak, deadline = 0, time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        peak = max(peak, server._buffered)
+        time.sleep(0.002)
+    # Unbounded, the server would hold all 16 x 96 KiB; it holds at most the
+    # budget, one read and one request.
+    assert peak <= budget + 256 * 1024 + body + 64 * 1024 < clients * body * 3 // 4
+    # ...and is served once the stalled ones ahead of it have timed out.
+    assert good.getresponse().status == 201
+    good.close()
+    for sock in ahead + behind:
+        sock.close()
 
 
-def test_uploads_larger_together_than_the_budget_all_finish(tasks_app, store):
+def test_uploads_larger_together_than_the_budget_all_finish(tasks_app, store, serve):
     ids = store.create_many([{"subject": "batched %d" % n} for n in range(3000)])
     payload = json.dumps({"ids": ids, "padding": "x" * 100_000}).encode()
-    with _server_thread(tasks_app, max_body=len(payload), max_buffered=0) as server:
-        # The budget is one whole request: four sent at once must take turns.
-        assert server.max_buffered == len(payload) + 64 * 1024
-        results = []
+    server = serve(tasks_app, max_body=len(payload), max_buffered=0)
+    # The budget is one whole request: four sent at once must take turns.
+    assert server.max_buffered == len(payload) + 64 * 1024
+    results = []
 
-        def upload():
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-            conn.request("POST", "/tasks/batch", body=payload,
-                         headers={**HEADERS, "Content-Type": "application/json"})
-            response = conn.getresponse()
-            results.append((response.status, len(json.loads(response.read()))))
-            conn.close()
+    def upload():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/tasks/batch", body=payload,
+                     headers={**HEADERS, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        results.append((response.status, len(json.loads(response.read()))))
+        conn.close()
 
-        threads = [threading.Thread(target=upload) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    server.stop()
     assert results == [(200, 3000)] * 4
 
 
@@ -3853,7 +3917,7 @@ def _pipelined(port, *requests):
         sock.sendall(b"".join(requests))
         reply = _read_all(sock)
     responses = []
-    while reply:
+    while reply:  # each turn takes a response off reply
         head, _, rest = reply.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = dict(line.split(": ", 1) for line in lines[1:])
@@ -3871,21 +3935,29 @@ def _on_server_thread(server, function):
     return asyncio.run_coroutine_threadsafe(call(), server._loop).result(timeout=10)
 
 
+def _accepted(server, sock):
+    """Whether the server (in this process) has taken ``sock``'s connection in."""
+    return _on_server_thread(server, lambda: any(
+        conn.transport.get_extra_info("peername") == sock.getsockname()
+        for conn in server._connections))
+
+
 def _subjects(store):
     return sorted(task["subject"] for task in store.list(limit=500)["tasks"])
 
 
-def test_requests_that_arrive_together_commit_together(db_path):
-    store = TaskStore(db_path)
-    application = make_app(store, api_keys=KEY)
+def test_requests_that_arrive_together_commit_together(db_path, closing, serve):
+    store = closing(TaskStore(db_path))
+    application = closing(make_app(store, api_keys=KEY))
     statements = []
-    with _server_thread(application) as server:
-        _on_server_thread(server, lambda: store._connection().set_trace_callback(
-            statements.append))
-        creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
-                   for n in range(20)]
-        responses = _pipelined(server.port, *creates,
-                               _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    server = serve(application)
+    _on_server_thread(server, lambda: store._connection().set_trace_callback(
+        statements.append))
+    creates = [_request_bytes("POST", "/tasks", {"subject": "burst %02d" % n})
+               for n in range(20)]
+    responses = _pipelined(server.port, *creates,
+                           _request_bytes("GET", "/health", headers={"Connection": "close"}))
+    server.stop()
     assert [status for status, _, _ in responses] == [201] * 20 + [200]
     assert [body["subject"] for _, _, body in responses[:20]] == ["burst %02d" % n
                                                                   for n in range(20)]
@@ -3896,57 +3968,61 @@ def test_requests_that_arrive_together_commit_together(db_path):
     assert len({sql for sql in statements if sql.startswith("INSERT INTO genesy_tasks ")}) == 20
     assert "SAVEPOINT genesy_write" not in statements  # one INSERT each needs none
     assert _subjects(store) == ["burst %02d" % n for n in range(20)]
-    application.close()
 
 
-def test_when_a_group_commit_fails_its_answers_become_503s_and_nothing_is_kept(db_path):
-    store = _Refusing(db_path)
-    application = make_app(store, api_keys=KEY)
+def test_when_a_group_commit_fails_its_answers_become_503s_and_nothing_is_kept(db_path,
+                                                                               closing, serve):
+    store = closing(_Refusing(db_path))
+    application = closing(make_app(store, api_keys=KEY))
     existing = store.create({"subject": "existing"})
-    with _server_thread(application) as server:
-        def refuse_commits():
-            store._connection()  # open the server thread's connection, so it refuses too
-            store.refuse = lambda action, verb: (action == sqlite3.SQLITE_TRANSACTION
-                                                 and verb == "COMMIT")
-        _on_server_thread(server, refuse_commits)
-        responses = _pipelined(
-            server.port,
-            # Before the group's first write: an answer that depends on nothing.
-            _request_bytes("GET", "/tasks/" + existing["id"]),
-            _request_bytes("POST", "/tasks", {"subject": "lost 1"}),
-            _request_bytes("PATCH", "/tasks/" + existing["id"], {"completed": True}),
-            # After it: even a read may have seen what the group wrote.
-            _request_bytes("GET", "/tasks/" + existing["id"], headers={"Connection": "close"}))
-        statuses = [status for status, _, _ in responses]
-        assert statuses == [200, 503, 503, 503]
-        for status, headers, body in responses[1:]:
-            assert body == {"error": "Service unavailable",
-                            "message": "the task database is unavailable (storage error); "
-                                       "retry later"}
-            assert headers["Retry-After"] == "1"
-            assert headers["X-Content-Type-Options"] == "nosniff"
-        assert responses[0][2] == existing
-        _on_server_thread(server, lambda: setattr(store, "refuse", None))
-        assert _subjects(store) == ["existing"]
-        assert store.get(existing["id"])["completed"] is False
-        # The server goes on: the next group commits.
-        again = _pipelined(server.port, _request_bytes("POST", "/tasks", {"subject": "kept"},
-                                                       headers={"Connection": "close"}))
-        assert [status for status, _, _ in again] == [201]
-        log = server._log_stream.getvalue()
+    log_stream = io.StringIO()
+    server = serve(application, log=log_stream)
+
+    def refuse_commits():
+        store._connection()  # open the server thread's connection, so it refuses too
+        store.refuse = lambda action, verb: (action == sqlite3.SQLITE_TRANSACTION
+                                             and verb == "COMMIT")
+
+    _on_server_thread(server, refuse_commits)
+    responses = _pipelined(
+        server.port,
+        # Before the group's first write: an answer that depends on nothing.
+        _request_bytes("GET", "/tasks/" + existing["id"]),
+        _request_bytes("POST", "/tasks", {"subject": "lost 1"}),
+        _request_bytes("PATCH", "/tasks/" + existing["id"], {"completed": True}),
+        # After it: even a read may have seen what the group wrote.
+        _request_bytes("GET", "/tasks/" + existing["id"], headers={"Connection": "close"}))
+    statuses = [status for status, _, _ in responses]
+    assert statuses == [200, 503, 503, 503]
+    for _, headers, body in responses[1:]:
+        assert body == {"error": "Service unavailable",
+                        "message": "the task database is unavailable (storage error); "
+                                   "retry later"}
+        assert headers["Retry-After"] == "1"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    assert responses[0][2] == existing
+    _on_server_thread(server, lambda: setattr(store, "refuse", None))
+    assert _subjects(store) == ["existing"]
+    assert store.get(existing["id"])["completed"] is False
+    # The server goes on: the next group commits.
+    again = _pipelined(server.port, _request_bytes("POST", "/tasks", {"subject": "kept"},
+                                                   headers={"Connection": "close"}))
+    assert [status for status, _, _ in again] == [201]
+    log = log_stream.getvalue()
+    server.stop()
     assert _subjects(store) == ["existing", "kept"]
     assert "the commit of a group of writes failed: not authorized" in log
     assert re.search(r"POST /tasks 503 ", log)
-    application.close()
 
 
-def test_held_answers_keep_their_order_before_errors_and_closes(tasks_app, store):
-    with _server_thread(tasks_app) as server:
-        responses = _pipelined(server.port,
-                               _request_bytes("POST", "/tasks", {"subject": "first"}),
-                               _request_bytes("POST", "/tasks", {"subject": 7}),
-                               _request_bytes("POST", "/tasks", {"subject": "third"}),
-                               b"NONSENSE\r\n\r\n")
+def test_held_answers_keep_their_order_before_errors_and_closes(tasks_app, store, serve):
+    server = serve(tasks_app)
+    responses = _pipelined(server.port,
+                           _request_bytes("POST", "/tasks", {"subject": "first"}),
+                           _request_bytes("POST", "/tasks", {"subject": 7}),
+                           _request_bytes("POST", "/tasks", {"subject": "third"}),
+                           b"NONSENSE\r\n\r\n")
+    server.stop()
     assert [status for status, _, _ in responses] == [201, 400, 201, 400]
     assert [body["subject"] for _, _, body in (responses[0], responses[2])] == ["first",
                                                                                "third"]
@@ -3970,27 +4046,25 @@ def certificate(tmp_path):
     return str(cert), str(key), client
 
 
-def test_tls_serves_https_with_the_given_certificate(tmp_path, certificate):
+def test_tls_serves_https_with_the_given_certificate(certificate, start_process):
     cert, key, client = certificate
-    running = Server(tmp_path, "--tls-cert", cert, "--tls-key", key)
+    running = start_process("--tls-cert", cert, "--tls-key", key)
     running.tls_client = client
-    try:
-        assert "serving https://127.0.0.1:" in running.banner[0]
-        status, headers, task = running.request("POST", "/tasks", {"subject": "over TLS"})
-        assert status == 201 and headers["Location"] == "/tasks/" + task["id"]
-        conn = running.connect()
-        for _ in range(3):  # kept alive over TLS too
-            assert running.request("GET", "/health", conn=conn)[0] == 200
-        # Plain HTTP on the HTTPS port is dropped, and harms nobody.
-        answer = running.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"200 OK" not in answer
-        assert running.request("GET", "/tasks/" + task["id"])[0] == 200
-        # The contract check speaks HTTPS as well.
-        status, lines = _check("https://127.0.0.1:%d" % running.port, "--api-key", KEY,
-                               "--insecure")
-        assert status == 0, lines
-    finally:
-        assert running.stop() == 0
+    assert "serving https://127.0.0.1:" in running.banner[0]
+    status, headers, task = running.request("POST", "/tasks", {"subject": "over TLS"})
+    assert status == 201 and headers["Location"] == "/tasks/" + task["id"]
+    conn = running.connect()
+    for _ in range(3):  # kept alive over TLS too
+        assert running.request("GET", "/health", conn=conn)[0] == 200
+    # Plain HTTP on the HTTPS port is dropped, and harms nobody.
+    answer = running.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" not in answer
+    assert running.request("GET", "/tasks/" + task["id"])[0] == 200
+    # The contract check speaks HTTPS as well.
+    status, lines = _check("https://127.0.0.1:%d" % running.port, "--api-key", KEY,
+                           "--insecure")
+    assert status == 0, lines
+    assert running.stop() == 0
     assert "TLS handshake" in running.log()
 
 
@@ -4003,13 +4077,13 @@ def test_a_bad_certificate_fails_at_start_with_one_clear_line(tmp_path, certific
         assert all(word in line for word in words), line
 
 
-def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
-    running = Server(tmp_path)
+def test_backup_copies_a_live_database_consistently_during_writes(tmp_path, start_process):
+    running = start_process()
     acknowledged, stop = [], threading.Event()
 
     def writer():
-        conn = running.connect()
-        while not stop.is_set():
+        conn, deadline = running.connect(), time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
             status, _, task = running.request("POST", "/tasks", {"subject": "during backup"},
                                               conn=conn)
             assert status == 201
@@ -4022,7 +4096,7 @@ def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
     for thread in writers:
         thread.start()
     try:
-        time.sleep(0.3)
+        _wait_while_alive(lambda: len(acknowledged) >= 50, writers)
         before = list(acknowledged)
         dest = tmp_path / "backup.db"
         result = subprocess.run([sys.executable, MODULE, "backup", str(dest),
@@ -4034,7 +4108,7 @@ def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
     finally:
         stop.set()
         for thread in writers:
-            thread.join()
+            thread.join(timeout=30)
     assert len(acknowledged) > len(before)  # the server kept serving meanwhile
     assert os.stat(dest).st_mode & 0o777 == 0o600
     assert not os.path.exists(str(dest) + ".partial")
@@ -4046,7 +4120,7 @@ def test_backup_copies_a_live_database_consistently_during_writes(tmp_path):
     assert len(copied) == 20000 + len([i for i in acknowledged if i in copied])
     assert running.stop() == 0
     # The copy is a working database: the server starts on it with every task.
-    again = Server(tmp_path, db=str(dest))
+    again = start_process(db=str(dest))
     status, _, found = again.request("POST", "/tasks/batch", {"ids": before})
     assert status == 200 and len(found) == len(before)
     again.stop()
@@ -4082,12 +4156,12 @@ def _make_read_only(path):
     return lambda: os.chmod(path, 0o600)
 
 
-def test_a_read_only_database_is_a_503_until_it_is_writable_again(db_path):
+def test_a_read_only_database_is_a_503_until_it_is_writable_again(db_path, closing):
     with TaskStore(db_path) as store:
         kept = store.create({"subject": "before"})
     undo = _make_read_only(db_path)
     try:
-        application = make_app(TaskStore(db_path), api_keys=KEY)
+        application = closing(make_app(TaskStore(db_path), api_keys=KEY))
         client = webtest.TestApp(application)
         assert client.get("/tasks/" + kept["id"], headers=HEADERS).json == kept  # reads go on
         response = client.post_json("/tasks", {"subject": "refused"}, headers=HEADERS,
@@ -4100,7 +4174,6 @@ def test_a_read_only_database_is_a_503_until_it_is_writable_again(db_path):
     # Fixed: the next request opens the file afresh and succeeds, with no restart.
     client.post_json("/tasks", {"subject": "after"}, headers=HEADERS, status=201)
     assert [t["subject"] for t in application.store.list()["tasks"]] == ["after", "before"]
-    application.close()
 
 
 class _FillingDisk(TaskStore):
@@ -4115,9 +4188,9 @@ class _FillingDisk(TaskStore):
         return conn
 
 
-def test_a_full_disk_is_a_503_that_writes_nothing_and_passes_by_itself(db_path):
-    store = _FillingDisk(db_path)
-    application = make_app(store, api_keys=KEY)
+def test_a_full_disk_is_a_503_that_writes_nothing_and_passes_by_itself(db_path, closing):
+    store = closing(_FillingDisk(db_path))
+    application = closing(make_app(store, api_keys=KEY))
     client = webtest.TestApp(application)
     store.full = True
     big = {"subject": "big", "description": "x" * 20000}
@@ -4131,7 +4204,6 @@ def test_a_full_disk_is_a_503_that_writes_nothing_and_passes_by_itself(db_path):
     assert store.count() == 0
     client.post_json("/tasks", big, headers=HEADERS, status=201)
     assert store.count() == 1
-    application.close()
 
 
 _LOCKER = """
@@ -4162,8 +4234,8 @@ def _locked_by_another_process(db):
         release()
 
 
-def test_a_database_locked_by_another_process_is_a_503_until_released(tmp_path):
-    running = Server(tmp_path, "--busy-timeout", "0.2")
+def test_a_database_locked_by_another_process_is_a_503_until_released(start_process):
+    running = start_process("--busy-timeout", "0.2")
     _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
     with _locked_by_another_process(running.db):
         status, headers, body = running.request("POST", "/tasks", {"subject": "waits"})
@@ -4185,14 +4257,16 @@ def _timed(function, *args):
     return result, time.monotonic() - started
 
 
-def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeout(tmp_path):
-    running = Server(tmp_path, "--busy-timeout", "1")
+def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeout(start_process):
+    running = start_process("--busy-timeout", "1")
     _, _, kept = running.request("POST", "/tasks", {"subject": "before the lock"})
     with _locked_by_another_process(running.db):
         results = {}
 
         def create(name, delay):
-            time.sleep(delay)  # arrives this much after the first
+            # Not a wait for anything: the second write is to arrive this much after
+            # the first, to show that each waits its own timeout from its own arrival.
+            time.sleep(delay)
             results[name] = _timed(running.request, "POST", "/tasks", {"subject": name})
 
         writers = [threading.Thread(target=create, args=("first", 0)),
@@ -4205,7 +4279,7 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
             assert status == 200 and seconds < 0.3
             (status, _, _), seconds = _timed(running.request, "GET", "/tasks/" + kept["id"])
             assert status == 200 and seconds < 0.3
-            time.sleep(0.05)
+            time.sleep(0.05)  # not a wait: the reads are spread over the writes' waits
         for writer in writers:
             writer.join(timeout=10)
         # Each write waited its own busy timeout from its own arrival: the
@@ -4215,11 +4289,15 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
             assert status == 503 and headers["Retry-After"] == "1", body
             assert 0.9 < seconds < 1.5, (name, seconds)
         # A write that arrives while the lock is held goes through once it is released.
-        waiting = threading.Thread(target=create, args=("released", 0))
-        waiting.start()
-        time.sleep(0.3)
-    waiting.join(timeout=10)
-    (status, _, _), seconds = results["released"]
+        released = running.connect(timeout=10)
+        started = time.monotonic()
+        released.request("POST", "/tasks", body=json.dumps({"subject": "released"}).encode(),
+                         headers={**HEADERS, "Content-Type": "application/json"})
+        _wait_for(lambda: _read_by_the_server(released.sock))  # it waits for the lock
+    response = released.getresponse()
+    response.read()
+    status, seconds = response.status, time.monotonic() - started
+    released.close()
     assert status == 201 and seconds < 0.9
     assert running.request("POST", "/tasks", {"subject": "after"})[0] == 201
     assert running.stop() == 0
@@ -4227,40 +4305,37 @@ def test_another_writers_lock_holds_up_no_read_and_each_write_only_its_own_timeo
         assert sorted(_subjects(store)) == ["after", "before the lock", "released"]
 
 
-def test_requests_pipelined_behind_a_waiting_write_are_answered_after_a_half_close(tmp_path):
-    running = Server(tmp_path)
+def test_requests_pipelined_behind_a_waiting_write_are_answered_after_a_half_close(start_process):
+    running = start_process()
     with _locked_by_another_process(running.db) as release:
         with socket.create_connection((running.host, running.port), timeout=10) as sock:
             sock.sendall(_request_bytes("POST", "/tasks", {"subject": "first"})
                          + _health() + _health())
             sock.shutdown(socket.SHUT_WR)  # all it will send: answer it all, then close
-            time.sleep(0.3)
+            _wait_for(lambda: _read_by_the_server(sock))  # the write waits for the lock
             release()
             answers = _answers(_read_all(sock))
     assert [answer[0] for answer in answers] == [201, 200, 200]
     assert running.stop() == 0
 
 
-def test_at_shutdown_a_write_waiting_for_a_lock_gets_its_503_not_a_reset(db_path):
-    store = TaskStore(db_path, busy_timeout=60)
-    application = make_app(store, api_keys=KEY)
-    holder = sqlite3.connect(db_path, isolation_level=None)
+def test_at_shutdown_a_write_waiting_for_a_lock_gets_its_503_not_a_reset(db_path, closing,
+                                                                         serve):
+    store = closing(TaskStore(db_path, busy_timeout=60))
+    application = closing(make_app(store, api_keys=KEY))
+    holder = closing(sqlite3.connect(db_path, isolation_level=None))  # closing rolls back
     holder.execute("BEGIN IMMEDIATE")
-    try:
-        with _server_thread(application, shutdown_timeout=1) as server:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                sock.sendall(_request_bytes("POST", "/tasks", {"subject": "waits"}))
-                time.sleep(0.1)  # it is waiting for the lock
-                started = time.monotonic()
-                server.shutdown()
-                answers = _answers(_read_all(sock))
-                assert time.monotonic() - started < 1
-        assert [answer[0] for answer in answers] == [503]
-        assert answers[0][1]["Connection"] == "close" and answers[0][1]["Retry-After"] == "1"
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-        application.close()
+    server = serve(application, shutdown_timeout=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_request_bytes("POST", "/tasks", {"subject": "waits"}))
+        _wait_for(lambda: server._parked)  # it is waiting for the lock
+        started = time.monotonic()
+        server.shutdown()
+        answers = _answers(_read_all(sock))
+        assert time.monotonic() - started < 1
+    server.stop()
+    assert [answer[0] for answer in answers] == [503]
+    assert answers[0][1]["Connection"] == "close" and answers[0][1]["Retry-After"] == "1"
 
 
 _READER = """
@@ -4272,6 +4347,18 @@ print("reading", flush=True)
 sys.stdin.readline()
 conn.execute("COMMIT")
 """
+
+
+@contextlib.contextmanager
+def _read_by_another_process(db):
+    """Another process holds a read transaction on ``db`` (a snapshot) until the block ends."""
+    reader = subprocess.Popen([sys.executable, "-c", _READER, db], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout.readline() == "reading\n"
+        yield
+    finally:
+        reader.communicate("\n", timeout=10)
 
 
 def _wal_size(db):
@@ -4289,22 +4376,17 @@ def _create_many_over_http(running, count):
     conn.close()
 
 
-def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(tmp_path):
+def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(start_process):
     pages = 100  # a 400 KB checkpoint size, so the test is quick
-    running = Server(tmp_path, "--checkpoint-pages", str(pages))
+    running = start_process("--checkpoint-pages", str(pages))
     bound = pages * 4096
     _create_many_over_http(running, 600)
     # Without a long reader the WAL stays about the checkpoint size.
     _wait_for(lambda: _wal_size(running.db) <= 4 * bound)
-    reader = subprocess.Popen([sys.executable, "-c", _READER, running.db], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert reader.stdout.readline() == "reading\n"
+    with _read_by_another_process(running.db):
         _create_many_over_http(running, 1500)
         assert _wal_size(running.db) > 4 * bound  # pinned: it cannot be checkpointed
         _wait_for(lambda: "long read transaction" in running.log())
-    finally:
-        reader.communicate("\n", timeout=10)
     # Once the reader ends, the WAL is checkpointed and truncated within moments.
     _wait_for(lambda: _wal_size(running.db) <= bound, timeout=5)
     _wait_for(lambda: "checkpointed and started over again" in running.log())
@@ -4322,17 +4404,17 @@ for _ in range(40):  # each time this process's last connection closes
 """
 
 
-def test_checkpoints_survive_other_processes_opening_and_closing_the_file(tmp_path):
+def test_checkpoints_survive_other_processes_opening_and_closing_the_file(start_process):
     # The checkpointer reads SQLite's files itself; were it to close a
     # descriptor of one, this process's locks on it would go, and another
     # process closing its last connection could reset the shared memory
     # under the server (a SIGBUS, seen with a backup during writes).
-    running = Server(tmp_path, "--checkpoint-pages", "50")
+    running = start_process("--checkpoint-pages", "50")
     stop, statuses = threading.Event(), []
 
     def writer():
-        conn = running.connect()
-        while not stop.is_set():
+        conn, deadline = running.connect(), time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
             statuses.append(running.request("POST", "/tasks", {"subject": "w" * 300},
                                             conn=conn)[0])
 
@@ -4349,12 +4431,13 @@ def test_checkpoints_survive_other_processes_opening_and_closing_the_file(tmp_pa
     assert running.stop() == 0
 
 
-def test_the_event_loop_never_waits_on_sqlite_nor_runs_checkpoints(tasks_app, store):
-    with _server_thread(tasks_app) as server:
-        settings = _on_server_thread(server, lambda: [
-            store._connection().execute("PRAGMA %s" % name).fetchone()[0]
-            for name in ("busy_timeout", "wal_autocheckpoint")])
-        assert settings == [0, 0]
+def test_the_event_loop_never_waits_on_sqlite_nor_runs_checkpoints(tasks_app, store, serve):
+    server = serve(tasks_app)
+    settings = _on_server_thread(server, lambda: [
+        store._connection().execute("PRAGMA %s" % name).fetchone()[0]
+        for name in ("busy_timeout", "wal_autocheckpoint")])
+    assert settings == [0, 0]
+    server.stop()
     # Elsewhere (a CRM's threads), the store still waits and checkpoints as before.
     conn = store._connection()
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(store.busy_timeout * 1000)
@@ -4362,15 +4445,15 @@ def test_the_event_loop_never_waits_on_sqlite_nor_runs_checkpoints(tasks_app, st
         genesy_tasks.DEFAULT_CHECKPOINT_PAGES
 
 
-def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
-    running = Server(tmp_path)
+def test_every_task_acknowledged_before_sigkill_mid_load_survives(start_process):
+    running = start_process()
     created, completed, stop = [], [], threading.Event()
 
     def client(number):
-        conn = running.connect()
+        conn, deadline = running.connect(), time.monotonic() + 120
         mine = []
         try:
-            while not stop.is_set():
+            while not stop.is_set() and time.monotonic() < deadline:
                 status, _, task = running.request(
                     "POST", "/tasks", {"subject": "load %d" % number}, conn=conn)
                 assert status == 201
@@ -4388,25 +4471,22 @@ def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
-    while len(created) < 300:
-        time.sleep(0.01)
+    _wait_while_alive(lambda: len(created) >= 300, threads)
     running.process.kill()  # SIGKILL, mid-load
     running.process.wait(timeout=10)
     stop.set()
     for thread in threads:
         thread.join(timeout=10)
     running.stderr.close()
-    again = Server(tmp_path, db=running.db)
-    try:
-        found = {}
-        for start in range(0, len(created), 5000):
-            status, _, tasks = again.request("POST", "/tasks/batch",
-                                             {"ids": created[start:start + 5000]})
-            found.update((task["id"], task) for task in tasks)
-        assert set(found) == set(created)
-        assert all(found[task_id]["completed"] for task_id in completed)
-    finally:
-        assert again.stop() == 0
+    again = start_process(db=running.db)
+    found = {}
+    for start in range(0, len(created), 5000):
+        status, _, tasks = again.request("POST", "/tasks/batch",
+                                         {"ids": created[start:start + 5000]})
+        found.update((task["id"], task) for task in tasks)
+    assert set(found) == set(created)
+    assert all(found[task_id]["completed"] for task_id in completed)
+    assert again.stop() == 0
     conn = sqlite3.connect(running.db)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
@@ -4414,7 +4494,7 @@ def test_every_task_acknowledged_before_sigkill_mid_load_survives(tmp_path):
 
 # -- hardening: auth hygiene -------------------------------------------------------------------------
 
-def test_every_key_is_compared_in_constant_time(db_path, monkeypatch):
+def test_every_key_is_compared_in_constant_time(db_path, monkeypatch, closing):
     compared = []
     real_compare = genesy_tasks.hmac.compare_digest
 
@@ -4423,7 +4503,7 @@ def test_every_key_is_compared_in_constant_time(db_path, monkeypatch):
         return real_compare(received, key)
 
     monkeypatch.setattr(genesy_tasks.hmac, "compare_digest", spy)
-    application = make_app(db_path, api_keys=["first-key", "second-key", "third-key"])
+    application = closing(make_app(db_path, api_keys=["first-key", "second-key", "third-key"]))
     client = webtest.TestApp(application)
     for sent, status in (("first-key", 200), ("nearly-first", 401), ("", 401)):
         compared.clear()
@@ -4431,50 +4511,45 @@ def test_every_key_is_compared_in_constant_time(db_path, monkeypatch):
         # No early exit: every key is compared, with hmac.compare_digest, whatever matched.
         assert [key for _, key in compared] == [b"first-key", b"second-key", b"third-key"]
         assert {given for given, _ in compared} == {sent.encode()}
-    application.close()
 
 
-def test_refused_requests_leave_no_key_header_or_body_in_the_log(tmp_path):
-    running = Server(tmp_path, "--max-body", "2000")
+def test_refused_requests_leave_no_key_header_or_body_in_the_log(start_process):
+    running = start_process("--max-body", "2000")
     secret = "s3cr3t-%s" % os.urandom(4).hex()
-    try:
-        sent = [
-            ("GET", "/health", None, {"X-API-Key": "wrong-" + secret}),
-            ("POST", "/tasks", {"subject": secret}, {"X-API-Key": "wrong-" + secret}),
-            ("POST", "/tasks", {"subject": secret, "x": "y" * 3000}, HEADERS),  # 413
-            ("POST", "/tasks", {"subject": 5, "description": secret}, HEADERS),  # 400
-            ("GET", "/tasks/" + "x", None, {**HEADERS, "X-Secret": secret}),  # 404
-        ]
-        for method, path, body, headers in sent:
-            status = running.request(method, path, body, headers=headers)[0]
-            assert status in (400, 401, 404, 413)
-        # Malformed HTTP, refused by the server itself.
-        running.raw(("GET /health HTTP/1.1\r\nX-API-Key: %s\r\nBad Header\r\n\r\n"
-                     % secret).encode())
-        running.raw(("POST /tasks HTTP/1.1\r\nX-API-Key: %s\r\nContent-Length: 99999999"
-                     "\r\n\r\n" % secret).encode())
-    finally:
-        assert running.stop() == 0
+    sent = [
+        ("GET", "/health", None, {"X-API-Key": "wrong-" + secret}),
+        ("POST", "/tasks", {"subject": secret}, {"X-API-Key": "wrong-" + secret}),
+        ("POST", "/tasks", {"subject": secret, "x": "y" * 3000}, HEADERS),  # 413
+        ("POST", "/tasks", {"subject": 5, "description": secret}, HEADERS),  # 400
+        ("GET", "/tasks/" + "x", None, {**HEADERS, "X-Secret": secret}),  # 404
+    ]
+    for method, path, body, headers in sent:
+        status = running.request(method, path, body, headers=headers)[0]
+        assert status in (400, 401, 404, 413)
+    # Malformed HTTP, refused by the server itself.
+    running.raw(("GET /health HTTP/1.1\r\nX-API-Key: %s\r\nBad Header\r\n\r\n"
+                 % secret).encode())
+    running.raw(("POST /tasks HTTP/1.1\r\nX-API-Key: %s\r\nContent-Length: 99999999"
+                 "\r\n\r\n" % secret).encode())
+    assert running.stop() == 0
     log = running.log()
     assert re.search(r"GET /health 401 ", log) and " 413 " in log
     assert secret not in log and KEY not in log
 
 
-def test_no_response_carries_a_server_banner_and_all_carry_nosniff(tmp_path):
-    running = Server(tmp_path)
-    try:
-        answers = [
-            running.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-            running.raw(("GET /health HTTP/1.1\r\nX-API-Key: %s\r\nConnection: close"
-                         "\r\n\r\n" % KEY).encode()),
-            running.raw(b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n"),
-            running.raw(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
-            running.raw(b"GET /openapi.json HTTP/1.1\r\nConnection: close\r\n\r\n"),
-            running.raw(b"BREW /pot HTCPCP/1.0\r\n\r\n"),  # refused by the server itself
-            running.raw(b"POST /tasks HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
-        ]
-    finally:
-        running.stop()
+def test_no_response_carries_a_server_banner_and_all_carry_nosniff(start_process):
+    running = start_process()
+    answers = [
+        running.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        running.raw(("GET /health HTTP/1.1\r\nX-API-Key: %s\r\nConnection: close"
+                     "\r\n\r\n" % KEY).encode()),
+        running.raw(b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        running.raw(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        running.raw(b"GET /openapi.json HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        running.raw(b"BREW /pot HTCPCP/1.0\r\n\r\n"),  # refused by the server itself
+        running.raw(b"POST /tasks HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+    ]
+    running.stop()
     for answer in answers:
         head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
         assert head.startswith("http/1.1 "), answer
@@ -4550,9 +4625,9 @@ def _assert_documented_answer(method, path, response):
         assert set(body) == TASK_KEYS, body
 
 
-def test_fuzzed_requests_never_fail_the_server_and_refusals_change_nothing(tmp_path):
+def test_fuzzed_requests_never_fail_the_server_and_refusals_change_nothing(tmp_path, closing):
     shutil.copyfile(os.path.join(HERE, "tasks.db.example"), str(tmp_path / "fuzz.db"))
-    application = make_app(str(tmp_path / "fuzz.db"), api_keys=KEY)
+    application = closing(make_app(str(tmp_path / "fuzz.db"), api_keys=KEY))
     client = webtest.TestApp(application)
 
     # Mostly the API's own routes, key and media type, so that most requests
@@ -4588,13 +4663,12 @@ def test_fuzzed_requests_never_fail_the_server_and_refusals_change_nothing(tmp_p
             assert _database_state(application.store) == before, (method, path, response.body)
 
     request()
-    application.close()
 
 
-def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
+def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path, closing):
     import schemathesis
-    application = make_app(str(tmp_path / "schemathesis.db"), api_keys=KEY,
-                           users=[{"id": "user-1", "name": "Ana", "email": "ana@example.com"}])
+    application = closing(make_app(str(tmp_path / "schemathesis.db"), api_keys=KEY,
+                           users=[{"id": "user-1", "name": "Ana", "email": "ana@example.com"}]))
     application.store.create_many([{"subject": "seed %d" % n} for n in range(3)])
     # Refusals are the statuses the API documents; 413 is an oversized batch.
     # The key is given as the document's security scheme, so that Schemathesis
@@ -4633,7 +4707,6 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
         except Exception as failure:  # collect every operation's, then report them all
             failures.append("%s (%s data): %s" % (operation.label, mode.value, failure))
     assert failures == [], "\n\n".join(failures)
-    application.close()
 
 
 # -- hardening: strict HTTP/1.1 -----------------------------------------------------------------------
@@ -4644,7 +4717,7 @@ def test_schemathesis_finds_no_fault_against_the_openapi_document(tmp_path):
 def _answers(reply):
     """The responses in ``reply``, as (status, headers, body), interim 100s left out."""
     answers = []
-    while reply:
+    while reply:  # each turn takes a response off reply
         head, separator, rest = reply.partition(b"\r\n\r\n")
         assert separator, reply
         lines = head.decode("latin-1").split("\r\n")
@@ -4662,8 +4735,8 @@ def _ask(server, data, read_timeout=5):
     """Send ``data`` on one connection: its answers, and whether the server then closed it."""
     with socket.create_connection((server.host, server.port), timeout=read_timeout) as sock:
         sock.sendall(data)
-        chunks, closed = [], False
-        while True:
+        chunks, closed, deadline = [], False, time.monotonic() + 60
+        while time.monotonic() < deadline:
             try:
                 chunk = sock.recv(65536)
             except socket.timeout:
@@ -4705,8 +4778,8 @@ def _refused(answers, closed, status=400):
     assert set(json.loads(answers[-1][2])) == {"error", "message"}
 
 
-def test_field_names_with_an_underscore_are_dropped_and_alias_nothing(server):
-    store = TaskStore(server.db)
+def test_field_names_with_an_underscore_are_dropped_and_alias_nothing(server, closing):
+    store = closing(TaskStore(server.db))
     # Content_Length is not Content-Length: what follows is the next request.
     answers, _ = _ask(server, _health(b"Content_Length: %d\r\n" % len(_create("second")))
                       + _create("second") + _health(b"Connection: close\r\n"))
@@ -4723,7 +4796,6 @@ def test_field_names_with_an_underscore_are_dropped_and_alias_nothing(server):
     answers, _ = _ask(server, b"GET /health HTTP/1.1\r\nHost: x\r\nX_API_Key: " + KEY.encode()
                       + b"\r\nConnection: close\r\n\r\n")
     assert answers[0][0] == 401
-    store.close()
 
 
 @pytest.mark.parametrize("byte", [b"\x0b", b"\x0c", b"\x1c", b"\x1f", b"\x85", b"\xa0", b"\x00"])
@@ -4767,9 +4839,9 @@ def test_a_body_of_one_byte_chunks_slows_nobody_else(server):
     assert statistics.median(late) < 4 * statistics.median(early), (early, late)
 
 
-def _read_all_until(sock, marker):
-    data = b""
-    while marker not in data:
+def _read_all_until(sock, marker, timeout=60):
+    data, deadline = b"", time.monotonic() + timeout
+    while marker not in data and time.monotonic() < deadline:
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -4808,14 +4880,13 @@ def test_bytes_held_for_a_chunked_body_count_against_the_budget():
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
 ])
-def test_a_doubtful_content_length_is_a_400_and_a_close(shared_server, head):
-    store = TaskStore(shared_server.db)
+def test_a_doubtful_content_length_is_a_400_and_a_close(shared_server, head, closing):
+    store = closing(TaskStore(shared_server.db))
     request = (b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
                + b"\r\nContent-Type: application/json\r\n" + head + b"\r\n")
     answers, closed = _ask(shared_server, request + _create("pipelined"))
     _refused(answers, closed)
     assert len(answers) == 1 and "pipelined" not in _subjects(store)
-    store.close()
 
 
 def test_transfer_encoding_on_http_1_0_is_answered_then_the_connection_closes(server):
@@ -4913,25 +4984,23 @@ def test_bare_lf_is_refused_at_once_and_leading_empty_lines_are_ignored(server):
     assert [answer[0] for answer in answers] == [200]
 
 
-def test_over_tls_an_early_error_is_read_by_a_client_still_uploading(tmp_path, certificate):
+def test_over_tls_an_early_error_is_read_by_a_client_still_uploading(certificate, start_process):
     cert, key, client = certificate
-    running = Server(tmp_path, "--tls-cert", cert, "--tls-key", key, "--max-body", "1000")
+    running = start_process("--tls-cert", cert, "--tls-key", key, "--max-body", "1000")
     framings = {413: b"Content-Length: 5000000\r\n\r\n",  # refused before the body
                 400: b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"}  # refused within it
-    try:
-        for status, framing in framings.items():
-            with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
-                with client.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-                    sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: "
-                                 + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
-                                 + framing)
-                    # As requests does: the whole body first, then the answer. A
-                    # close right after the answer would reset this upload.
-                    sock.sendall(b" " * 5_000_000)
-                    answers = _answers(_read_all_until(sock, b"}"))
-            assert answers[0][0] == status and answers[0][1]["Connection"] == "close"
-    finally:
-        assert running.stop() == 0
+    for status, framing in framings.items():
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
+            with client.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                sock.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nX-API-Key: "
+                             + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                             + framing)
+                # As requests does: the whole body first, then the answer. A
+                # close right after the answer would reset this upload.
+                sock.sendall(b" " * 5_000_000)
+                answers = _answers(_read_all_until(sock, b"}"))
+        assert answers[0][0] == status and answers[0][1]["Connection"] == "close"
+    assert running.stop() == 0
     assert "Fatal error" not in running.log()
 
 
@@ -5057,7 +5126,7 @@ def _h11_requests(stream):
     conn.receive_data(stream)
     requests, current = [], None
     try:
-        while True:
+        for _ in range(3 * len(stream) + 3):  # every event but an end takes bytes
             event = conn.next_event()
             if isinstance(event, h11.Request):
                 current = {"method": event.method.decode(), "body": b"",
@@ -5076,6 +5145,7 @@ def _h11_requests(stream):
                 return requests, "incomplete"
     except h11.RemoteProtocolError as error:
         return requests, str(error)
+    raise AssertionError("h11 made more events of %r than it has bytes" % stream)
 
 
 def _as_environ(fields):
@@ -5195,7 +5265,7 @@ def test_hostile_byte_streams_get_json_answers_never_a_5xx_or_a_crash(server):
             sock.sendall(stream)
             sock.shutdown(socket.SHUT_WR)  # the server answers what has arrived, then closes
             answers = _answers(_read_all(sock))
-        for status, headers, body in answers:
+        for status, _, body in answers:
             assert status < 500 or status in (501, 505), (stream, status, body)
             if status >= 400:
                 assert set(json.loads(body)) == {"error", "message"}
@@ -5267,16 +5337,17 @@ def _comparable(value, ids):
     return value
 
 
-def test_a_burst_through_group_commits_equals_the_same_requests_one_by_one(tmp_path):
+def test_a_burst_through_group_commits_equals_the_same_requests_one_by_one(tmp_path, closing,
+                                                                          serve):
     server_db, model_db = str(tmp_path / "server.db"), str(tmp_path / "model.db")
-    server_app = make_app(server_db, api_keys=KEY)
-    with _server_thread(server_app) as server:
+    server_app = closing(make_app(server_db, api_keys=KEY))
+    server = serve(server_app)
 
-        @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)))
-        @given(st.lists(_burst_operations, min_size=1, max_size=12))
-        def check(burst):
-            # The same starting point on both sides: seeded tasks, then a copy.
-            seed = TaskStore(server_db)
+    @settings(FUZZ, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)))
+    @given(st.lists(_burst_operations, min_size=1, max_size=12))
+    def check(burst):
+        # The same starting point on both sides: seeded tasks, then a copy.
+        with TaskStore(server_db) as seed:
             with seed._write() as conn:
                 conn.execute("DELETE FROM genesy_tasks")
                 conn.execute("DELETE FROM genesy_idempotency")
@@ -5287,19 +5358,18 @@ def test_a_burst_through_group_commits_equals_the_same_requests_one_by_one(tmp_p
                     os.remove(model_db + suffix)
             with contextlib.closing(sqlite3.connect(model_db)) as copy:
                 seed._connection().backup(copy)
-            seed.close()
-            requests = [(method, _fill_ids(path, ids), _fill_ids(body, ids), headers)
-                        for method, path, body, headers in burst]
+        requests = [(method, _fill_ids(path, ids), _fill_ids(body, ids), headers)
+                    for method, path, body, headers in burst]
 
-            # All at once on one connection: handled in one turn, one group.
-            answers = _pipelined(server.port, *[
-                _request_bytes(method, path, body, headers)
-                for method, path, body, headers in requests],
-                _request_bytes("GET", "/health", headers={"Connection": "close"}))[:-1]
-            # One by one, each in a transaction of its own.
-            model_app = make_app(model_db, api_keys=KEY)
+        # All at once on one connection: handled in one turn, one group.
+        answers = _pipelined(server.port, *[
+            _request_bytes(method, path, body, headers)
+            for method, path, body, headers in requests],
+            _request_bytes("GET", "/health", headers={"Connection": "close"}))[:-1]
+        # One by one, each in a transaction of its own.
+        expected = []
+        with contextlib.closing(make_app(model_db, api_keys=KEY)) as model_app:
             model = webtest.TestApp(model_app)
-            expected = []
             for method, path, body, headers in requests:
                 response = model.request(
                     path, method=method, headers={**HEADERS, **headers,
@@ -5308,15 +5378,13 @@ def test_a_burst_through_group_commits_equals_the_same_requests_one_by_one(tmp_p
                     expect_errors=True)
                 expected.append((response.status_int,
                                  response.json if response.body else None))
-            model_app.close()
 
-            assert [(status, _comparable(body, ids)) for status, _, body in answers] == \
-                [(status, _comparable(body, ids)) for status, body in expected]
-            states = []
-            for path in (server_db, model_db):
-                with TaskStore(path) as store:
-                    states.append(_comparable(store.list(order="oldest", limit=500), ids))
-            assert states[0] == states[1]
+        assert [(status, _comparable(body, ids)) for status, _, body in answers] == \
+            [(status, _comparable(body, ids)) for status, body in expected]
+        states = []
+        for path in (server_db, model_db):
+            with TaskStore(path) as store:
+                states.append(_comparable(store.list(order="oldest", limit=500), ids))
+        assert states[0] == states[1]
 
-        check()
-    server_app.close()
+    check()
