@@ -2,13 +2,19 @@
 
 Genesy, a sales-engagement platform, creates and completes tasks in a CRM by
 calling five HTTP endpoints (plus ``GET /health``) on the CRM's own server.
-This module is that server: a :class:`TaskStore` on SQLite (WAL mode), a Bottle
-application built by :func:`make_app`, a small HTTP/1.1 server that keeps
-connections alive and never lets a slow client hold up the others, and the
-command line, :func:`main`.
+This module is that server. Its rooms, in dependency order:
+
+- Tasks: the field table (_FIELDS), validation, ids and timestamps;
+- Storage: :class:`TaskStore` on SQLite (WAL mode), which owns the SQL;
+- Application: the Bottle app :func:`make_app` builds (routes, auth, errors,
+  the request inspector) and :func:`mount` for a CRM's own app;
+- Server: :class:`TaskServer`, HTTP/1.1 on an event loop, one thread;
+- Check: Genesy's calls against any server, and replaying a recording;
+- Command line: :func:`main`, and its workers;
+- Assets: the dashboard page and the OpenAPI document.
 
     python genesy_tasks.py                  # serve ./tasks.db on 127.0.0.1:8080
-    crm.mount("/genesy/", make_app("crm.db"))   # or inside an existing Bottle app
+    bottle.run(mount(crm, "/genesy", make_app("crm.db")))  # inside a CRM's app
 
 Runtime dependencies: Bottle and the standard library.
 """
@@ -132,7 +138,7 @@ __all__ = [
     "TaskStore", "TaskValidationError", "IdempotencyKeyReused", "ChangesForgotten",
     "StorageError", "backup_database",                            # storage
     "make_app", "mount", "openapi_document", "app",               # application
-    "TaskServer",                                                 # server
+    "TaskServer", "CommitGroups",                                 # server
     "run_contract_check", "run_replay",                           # check
     "main",                                                       # command line
     "TASK_FIELDS", "SCHEMA_VERSION",
@@ -984,7 +990,7 @@ class TaskStore:
         another connection's lock raises an error for which _is_lock_wait() is
         true instead of waiting up to the busy timeout (the caller retries it),
         and commits no longer run checkpoints, whose syncs take milliseconds
-        (_CommitGroups runs them on a thread of their own).
+        (CommitGroups runs them on a thread of their own).
         """
         self._local.waits = False
         conn = getattr(self._local, "connection", None)
@@ -1558,7 +1564,7 @@ _CHECKPOINT_PASSES = 6
 _WAL_WARNING_FACTOR = 4
 
 
-class _CommitGroups:
+class CommitGroups:
     """What TaskServer needs to serve a TaskStore: ``TaskServer(app, commits=...)``.
 
     - ``open(log)`` and ``close()``, around serving, on the server's thread:
@@ -3270,7 +3276,7 @@ class TaskServer:
     threads take turns anyway), while no client can hold up another by being
     slow to send or to read.
 
-    It serves any WSGI application. Given ``commits`` (a _CommitGroups of the
+    It serves any WSGI application. Given ``commits`` (a CommitGroups of the
     application's TaskStore), the writes of all requests handled in one turn
     of the loop commit together, once (TaskStore.start_commit_group), and
     their responses are sent after that COMMIT: one commit per turn rather
@@ -3337,7 +3343,7 @@ class TaskServer:
         self._date_second = None
         self._date_header = ""
         self._stopped = self._loop.create_future()
-        self._commits = commits  # a _CommitGroups, or None: no groups, no lock retries
+        self._commits = commits  # a CommitGroups, or None: no groups, no lock retries
         self._group = None   # the open commit group
         self._parked = []    # connections whose request waits for another's write lock
         self._retry = None   # the timer that runs them again
@@ -4693,7 +4699,7 @@ def _server_for(args, tasks_app, tls, sock, checkpoint_pages, name=None):
     return TaskServer(tasks_app, args.host, args.port, max_body=args.max_body,
                       request_timeout=args.request_timeout,
                       max_connections=args.max_connections, ssl_context=tls,
-                      commits=_CommitGroups(tasks_app.store, checkpoint_pages), sock=sock,
+                      commits=CommitGroups(tasks_app.store, checkpoint_pages), sock=sock,
                       name=name)
 
 
