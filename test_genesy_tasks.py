@@ -177,8 +177,9 @@ def _end_process(process, timeout=15):
 
 def _wait_for(check, timeout=10.0, step=0.01, ignoring=(), what=None):
     """Poll ``check`` every ``step`` seconds until it returns something true, and return
-    that; fail the test after ``timeout`` seconds, saying what was awaited. Exceptions
-    of the ``ignoring`` types count as not yet."""
+    that; fail the test after ``timeout`` seconds, saying what was awaited (``what``, or
+    a function that tells it; by default the source of ``check``). Exceptions of the
+    ``ignoring`` types count as not yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -188,6 +189,8 @@ def _wait_for(check, timeout=10.0, step=0.01, ignoring=(), what=None):
         if result:
             return result
         if time.monotonic() >= deadline:
+            if callable(what):
+                what = what()
             if what is None:
                 try:
                     what = inspect.getsource(check).strip()
@@ -211,23 +214,28 @@ def _read_by_the_server(sock):
             fields = line.split()
             tx_queue, rx_queue = (int(size, 16) for size in fields[4].split(":"))
             queues[fields[1], fields[2]] = tx_queue, rx_queue
-    return queues.get((here, there), (1, 1))[0] == 0 and queues.get((there, here), (1, 1))[1] == 0
+    unsent, unread = queues.get((here, there), (1, 1))[0], queues.get((there, here), (1, 1))[1]
+    return unsent == 0 and unread == 0
 
 
 def _wait_while_alive(condition, threads, timeout=30):
     """Wait for ``condition`` while any of ``threads`` is alive to bring it about."""
+    def source():
+        return inspect.getsource(condition).strip()
+
     _wait_for(lambda: condition() or not any(thread.is_alive() for thread in threads),
-              timeout, what=inspect.getsource(condition).strip())
-    assert condition(), "the threads ended before this came about: %s" % (
-        inspect.getsource(condition).strip())
+              timeout, what=source)
+    if not condition():
+        pytest.fail("the threads ended before this came about: %s" % source())
 
 
 def _clock_passes(instant):
     """Wait until the clock tasks' times are taken from is past ``instant`` (an
     ISO_UTC text), so that a time taken now differs from it."""
     def now():
-        ms = int(time.time() * 1000)
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+        seconds, ms = divmod(int(time.time() * 1000), 1000)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % ms
+
     _wait_for(lambda: now() > instant, what="the clock to pass %s" % instant)
 
 
