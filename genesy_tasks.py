@@ -19,7 +19,7 @@ This module is that server. Its rooms, in dependency order:
 Runtime dependencies: Bottle and the standard library.
 """
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 
 import argparse
 import asyncio
@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 import bottle
 
-# -- defaults and limits ----------------------------------------------------------
+# -- defaults and limits ------------------------------------------------------
 # Every timeout and limit, by room. The DEFAULT_* that an option or an
 # argument can change are its defaults; the others bound what no option does.
 # Their costs are measured by bench/bench.py, not written here.
@@ -68,8 +68,18 @@ DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a write waits for another connection's wri
 # less in all, for longer pauses. SQLite's default is 1,000 pages.
 DEFAULT_CHECKPOINT_PAGES = 8000
 DEFAULT_CHECKPOINT_LOCK_WAIT_MS = 50  # how long a RESTART checkpoint waits for the lock
+DEFAULT_CHECKPOINT_INTERVAL = 0.05  # seconds between the checkpointer's looks at the WAL
+# PASSIVE checkpoints run until at most this many pages are left for the
+# RESTART that holds the write lock, or this many times.
+DEFAULT_CHECKPOINT_TAIL = 64
+DEFAULT_CHECKPOINT_PASSES = 6
+# Past this many times the checkpoint size, a WAL that cannot be checkpointed
+# (another connection's long read transaction pins it) is reported.
+DEFAULT_WAL_WARNING_FACTOR = 4
 DEFAULT_IDEMPOTENCY_TTL = 24 * 60 * 60  # seconds an Idempotency-Key is remembered, at least
-DEFAULT_DELETIONS_KEPT_DAYS = 7  # days the change feed keeps a deletion, at least
+# Days the change feed keeps a deletion, at least; written into the trigger
+# of a database when its change feed is made.
+DEFAULT_DELETIONS_KEPT_DAYS = 7
 # Connections kept open for threads to come when the threads that used them
 # end: enough for a thread-per-request server's usual concurrency, few
 # enough that a burst of threads leaves few open files behind.
@@ -103,6 +113,7 @@ DEFAULT_PORT = 8080
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0  # seconds a stop waits for requests in flight
+DEFAULT_LOCK_RETRY_INTERVAL = 0.002  # seconds between runs of a request that met a lock
 # Seconds a connection closed after an error answer goes on reading (and
 # dropping) what the client still sends, so that the answer is not lost to a
 # reset.
@@ -136,9 +147,9 @@ DEFAULT_CHECK_TIMEOUT = 10.0  # seconds for each request to the server checked
 # The documented API (docs/embedding.md); every other name is underscored.
 __all__ = [
     "TaskStore", "TaskValidationError", "IdempotencyKeyReused", "ChangesForgotten",
-    "StorageError", "backup_database",                            # storage
+    "StorageError", "backup_database", "CommitGroups",            # storage
     "make_app", "mount", "openapi_document", "app",               # application
-    "TaskServer", "CommitGroups",                                 # server
+    "TaskServer",                                                 # server
     "run_contract_check", "run_replay",                           # check
     "main",                                                       # command line
     "TASK_FIELDS", "SCHEMA_VERSION",
@@ -167,21 +178,21 @@ class _Field(collections.namedtuple(
 #       with an index), None
 #   schema: the OpenAPI type of its value; "?" means it may be null (else the
 #       column is NOT NULL; every column is TEXT)
-#   shown: a column of the dashboard's table
+#   shown: its place among the dashboard's columns (0: not shown)
 _FIELDS = (
     #      name           column          input       filter     schema        shown
-    _Field("id",          "id",           None,       None,      "string",     False),
-    _Field("subject",     "subject",      "required", None,      "string",     False),
-    _Field("description", "description",  "text",     None,      "string?",    False),
-    _Field("type",        "type",         "text",     "exact",   "string?",    True),
-    _Field("ownerId",     "owner_id",     "text",     "indexed", "string?",    True),
-    _Field("dueDate",     "due_date",     "date",     None,      "string?",    True),
-    _Field("contactId",   "contact_id",   "text",     "indexed", "string?",    True),
-    _Field("companyId",   "company_id",   "text",     "indexed", "string?",    True),
-    _Field("completed",   None,           "flag",     None,      "boolean",    False),
-    _Field("completedAt", "completed_at", None,       None,      "date-time?", True),
-    _Field("createdAt",   "created_at",   None,       None,      "date-time",  True),
-    _Field("updatedAt",   "updated_at",   None,       None,      "date-time",  False),
+    _Field("id",          "id",           None,       None,      "string",     0),
+    _Field("subject",     "subject",      "required", None,      "string",     0),
+    _Field("description", "description",  "text",     None,      "string?",    0),
+    _Field("type",        "type",         "text",     "exact",   "string?",    1),
+    _Field("ownerId",     "owner_id",     "text",     "indexed", "string?",    2),
+    _Field("dueDate",     "due_date",     "date",     None,      "string?",    5),
+    _Field("contactId",   "contact_id",   "text",     "indexed", "string?",    3),
+    _Field("companyId",   "company_id",   "text",     "indexed", "string?",    4),
+    _Field("completed",   None,           "flag",     None,      "boolean",    0),
+    _Field("completedAt", "completed_at", None,       None,      "date-time?", 7),
+    _Field("createdAt",   "created_at",   None,       None,      "date-time",  6),
+    _Field("updatedAt",   "updated_at",   None,       None,      "date-time",  0),
 )
 #: A task's keys in Genesy's JSON shape, in the order they are returned.
 TASK_FIELDS = tuple(field.name for field in _FIELDS)
@@ -189,7 +200,9 @@ TASK_FIELDS = tuple(field.name for field in _FIELDS)
 _CREATE_FIELDS = tuple(field for field in _FIELDS if field.input in ("required", "text", "date"))
 _UPDATE_FIELDS = tuple(field for field in _FIELDS if field.input is not None)
 # GET /tasks's exact-match filters: query parameter, TaskStore.list argument (the column).
-_FILTERS = {field.name: field.column for field in _FIELDS if field.filter}
+_FILTERS = {field.name: field.column
+            for field in sorted(_FIELDS, key=lambda field: field.filter != "indexed")
+            if field.filter}
 
 
 class TaskValidationError(ValueError):
@@ -329,6 +342,13 @@ def _validate_task_changes(fields):
     return changes
 
 
+def _check_idempotency_key(key):
+    if not isinstance(key, str) or not 1 <= len(key) <= 255 \
+            or not all("!" <= char <= "~" for char in key):
+        raise TaskValidationError("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key
+
+
 def _validate_ids(ids):
     """``ids`` as a list of strings, or a TaskValidationError naming the bad entry."""
     if not isinstance(ids, list):
@@ -382,7 +402,7 @@ _SCHEMA = """
 CREATE TABLE genesy_tasks (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     %s,
-    due_utc      TEXT  -- dueDate as UTC text that sorts in time order (_utc_instant)
+    due_utc      TEXT  -- dueDate as UTC text that sorts in time order
 );
 %s
 """ % (",\n    ".join(_column_definition(field) for field in _STORED),
@@ -505,14 +525,17 @@ def _field_added(name):
     if field.filter == "indexed":
         statements.append("CREATE INDEX %s ON genesy_tasks (%s)"
                           % (_index_name(field), field.column))
-    return (statements
-            + ["DROP TRIGGER genesy_tasks_updated", "DROP TRIGGER genesy_tasks_renamed"]
-            + [trigger for trigger in _CHANGES_TRIGGERS if "AFTER UPDATE OF" in trigger])
+    # (The earlier steps of an upgrade create these triggers naming columns
+    # that do not exist yet, which SQLite allows: UPDATE OF is not checked.)
+    updates = ("genesy_tasks_updated", "genesy_tasks_renamed")
+    return (statements + ["DROP TRIGGER %s" % name for name in updates]
+            + [trigger for trigger in _CHANGES_TRIGGERS
+               if re.match(r"CREATE TRIGGER (\w+)", trigger).group(1) in updates])
 
 
 # Upgrades of an existing database, by the version they lead to: statements,
-# or a function of the connection. A field added to _FIELDS needs one:
-# SCHEMA_VERSION + 1 and, say, 5: _field_added("priority").
+# or a function of the connection. A field added to _FIELDS needs one: raise
+# SCHEMA_VERSION by one and add, say, ``5: _field_added("priority")``.
 _MIGRATIONS = {
     2: ["ALTER TABLE genesy_tasks ADD COLUMN due_utc TEXT",
         "UPDATE genesy_tasks SET due_utc = genesy_utc_instant(due_date) "
@@ -1223,9 +1246,7 @@ class TaskStore:
         fields it raises :class:`IdempotencyKeyReused`. Keys are kept for
         DEFAULT_IDEMPOTENCY_TTL seconds at least.
         """
-        if not isinstance(key, str) or not 1 <= len(key) <= 255 \
-                or not all("!" <= char <= "~" for char in key):
-            raise TaskValidationError("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        _check_idempotency_key(key)
         task, row = self._new_task(fields)
         fingerprint = _fingerprint(fields)
         now_ms = int(time.time() * 1000)
@@ -1349,13 +1370,14 @@ class TaskStore:
         ``nextCursor`` with the same arguments for the next page: pages are
         keyed on creation order, so tasks created meanwhile never shift them.
         """
+        unknown = sorted(set(equal) - set(_FILTERS.values()))
+        if unknown:
+            raise TypeError("TaskStore.list_json() got an unexpected keyword argument %r"
+                            % unknown[0])
+        _check_limit(limit)
         if order not in ("newest", "oldest"):
             raise TaskValidationError("order must be newest or oldest")
-        _check_limit(limit)
         where, params = [], []
-        unknown = set(equal) - set(_FILTERS.values())
-        if unknown:
-            raise TypeError("list_json() got an unexpected keyword argument %r" % unknown.pop())
         for name, column in _FILTERS.items():
             value = equal.get(column)
             if value is not None:
@@ -1529,7 +1551,7 @@ def backup_database(source, dest, overwrite=False, pages=1024, progress=None):
     return tasks
 
 
-# -- serving a store from an event loop ------------------------------------------
+# -- serving a store from an event loop ---------------------------------------
 
 #: Set by TaskServer in a request's environ when it can run the request again
 #: later if it meets another connection's write lock (its value: until when,
@@ -1547,21 +1569,14 @@ def _will_retry(environ):
         environ[_WILL_RETRY_KEY] = (bool(environ.get(_MET_LOCK_KEY))
                                     and time.monotonic() < environ.get(_RETRY_ON_LOCK_KEY, 0))
     return environ[_WILL_RETRY_KEY]
+
+
 # Set by the app on an answer that rests on nothing its commit group wrote: a
 # health check, a request refused for its own content (a validator, a CRM's
 # constraint). It stands even if the group is lost (a trigger's
 # RAISE(ROLLBACK) loses it): a refusal replaced by a 503 would be retried for
 # ever.
 _INDEPENDENT_KEY = "genesy_tasks.independent"
-# How often the checkpointer looks at the WAL's length.
-_CHECKPOINT_INTERVAL = 0.05
-# PASSIVE checkpoints run until at most this many pages are left for the
-# RESTART that holds the write lock, or this many times.
-_CHECKPOINT_TAIL = 64
-_CHECKPOINT_PASSES = 6
-# Past this many times the checkpoint size, a WAL that cannot be checkpointed
-# (another connection's long read transaction pins it) is reported.
-_WAL_WARNING_FACTOR = 4
 
 
 class CommitGroups:
@@ -1651,7 +1666,7 @@ class _Checkpointer(threading.Thread):
     only if it is free at once, copies those few and lets the next commit
     start the WAL file over. Writers that meet that lock are retried by the
     server, so its brief hold costs them little. A WAL file left larger than
-    _WAL_WARNING_FACTOR times the checkpoint size is truncated instead
+    DEFAULT_WAL_WARNING_FACTOR times the checkpoint size is truncated instead
     (TRUNCATE).
 
     A reader that pins old pages (another connection's long read
@@ -1674,7 +1689,7 @@ class _Checkpointer(threading.Thread):
 
     def run(self):
         try:
-            while not self._stopping.wait(_CHECKPOINT_INTERVAL):
+            while not self._stopping.wait(DEFAULT_CHECKPOINT_INTERVAL):
                 try:
                     self._checkpoint_if_needed(self.conn)
                 except Exception:  # a bug: said, and the next tick tries again
@@ -1699,10 +1714,10 @@ class _Checkpointer(threading.Thread):
         if frames is None or frames[0] < self.pages:
             return
         try:
-            for _ in range(_CHECKPOINT_PASSES):
+            for _ in range(DEFAULT_CHECKPOINT_PASSES):
                 _, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 frames = self._wal_frames()
-                if copied < log or frames is None or frames[0] - copied < _CHECKPOINT_TAIL:
+                if copied < log or frames is None or frames[0] - copied < DEFAULT_CHECKPOINT_TAIL:
                     break  # a reader pins the rest, or little is left for RESTART
             else:
                 # Writes outran the passes: a RESTART now would hold the write
@@ -1722,7 +1737,7 @@ class _Checkpointer(threading.Thread):
                 size = 0
             # Truncating costs the next commits a file to extend again: only a
             # WAL that a long reader let grow is given back.
-            mode = ("TRUNCATE" if size > _WAL_WARNING_FACTOR * self.pages * self.page_size
+            mode = ("TRUNCATE" if size > DEFAULT_WAL_WARNING_FACTOR * self.pages * self.page_size
                     else "RESTART")
             if copied < log:
                 # A reader still needs pages: the RESTART cannot finish, so it
@@ -1758,7 +1773,7 @@ class _Checkpointer(threading.Thread):
                 self._warned = False
                 self.log("- - the WAL is checkpointed and started over again: "
                          "the read transaction that pinned it ended")
-        elif copied < log and log >= _WAL_WARNING_FACTOR * self.pages and not self._warned:
+        elif copied < log and log >= DEFAULT_WAL_WARNING_FACTOR * self.pages and not self._warned:
             # PASSIVE copies every page no reader still needs: some do.
             self._warned = True
             self.log("- - warning: the WAL of %s has grown to %d MB and cannot be "
@@ -1901,7 +1916,8 @@ def _idempotency_key(environ):
     key = key.strip()
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
-    return key  # checked by TaskStore.create_idempotent
+    # Refused before the body is read, which may be large.
+    return _check_idempotency_key(key)
 
 
 def _unavailable_message(error):
@@ -1958,7 +1974,7 @@ def _task_not_found(task_id):
     return _RequestError(404, "Task not found", "No task exists with ID: %s" % task_id)
 
 
-# -- the request inspector ------------------------------------------------------------
+# -- the request inspector ----------------------------------------------------
 #: Requests that carry this header are the dashboard's own: not kept.
 _DASHBOARD_HEADER = "X-Genesy-Dashboard"
 _REDACTED = "[redacted]"
@@ -2705,7 +2721,7 @@ app = _LazyApp()
 # Server: HTTP/1.1 on an event loop, one thread ###############################
 ###############################################################################
 
-# -- HTTP/1.1 request parsing ----------------------------------------------------
+# -- HTTP/1.1 request parsing -------------------------------------------------
 
 # The request parser is the server's security boundary: a proxy in front of it
 # must never disagree with it about where a request ends. It follows RFC 9112
@@ -3064,7 +3080,7 @@ class _RequestReader:
             self._consume(pos)
 
 
-# -- the server ------------------------------------------------------------------
+# -- the server ---------------------------------------------------------------
 
 _LOG_WRITE = 4096      # bytes: PIPE_BUF on Linux, and the least POSIX allows
 # The most asyncio reads from a socket at once.
@@ -3073,8 +3089,6 @@ _ERROR_HEADERS = [("Content-Type", "application/json"), ("X-Content-Type-Options
 _RETRY_HEADERS = _ERROR_HEADERS + [("Retry-After", "1")]
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade"))
 _READS = frozenset(("GET", "HEAD"))
-# How often requests that met another connection's write lock are run again.
-_LOCK_RETRY_INTERVAL = 0.002
 
 
 class _Connection(asyncio.Protocol):
@@ -3609,7 +3623,7 @@ class TaskServer:
                 conn.parked = (pristine, keep_alive, deadline)
                 self._parked.append(conn)
                 if self._retry is None:
-                    self._retry = self._loop.call_later(_LOCK_RETRY_INTERVAL,
+                    self._retry = self._loop.call_later(DEFAULT_LOCK_RETRY_INTERVAL,
                                                         self._retry_parked)
                 return False
             self._log_lock_timeout(conn)
@@ -3678,7 +3692,7 @@ class TaskServer:
         if self._parked and self._retry is None:
             soonest = min(conn.parked[2] for conn in self._parked) - time.monotonic()
             self._retry = self._loop.call_later(
-                max(0.0, min(_LOCK_RETRY_INTERVAL, soonest)), self._retry_parked)
+                max(0.0, min(DEFAULT_LOCK_RETRY_INTERVAL, soonest)), self._retry_parked)
 
     def _close_when_answered(self, conn):
         """Close ``conn`` once its responses, held ones included, are sent."""
@@ -4074,7 +4088,7 @@ def run_contract_check(url, key, header=DEFAULT_HEADER, timeout=DEFAULT_CHECK_TI
     return len(failures)
 
 
-# -- replay ----------------------------------------------------------------------------
+# -- replay -------------------------------------------------------------------
 
 def _json_type(value):
     if value is None:
@@ -4746,9 +4760,9 @@ def _supervise(count, start, request_timeout):
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    # A worker drains for up to its shutdown timeout (10 s), and a request
-    # waiting for a lock for up to half of it.
-    deadline = time.monotonic() + 15 + request_timeout
+    # A worker drains for up to its shutdown timeout, and a request waiting
+    # for a lock for up to half of it.
+    deadline = time.monotonic() + 1.5 * DEFAULT_SHUTDOWN_TIMEOUT + request_timeout
     while children and time.monotonic() < deadline:
         reaped = _reap()
         if reaped is None:
@@ -4889,6 +4903,7 @@ const base = document.body.dataset.base, keyHeader = document.body.dataset.keyHe
 const storageKey = "genesy-tasks-api-key";
 const $ = (id) => document.getElementById(id);
 const columns = JSON.parse(document.body.dataset.columns);  // the fields shown
+const limits = JSON.parse(document.body.dataset.limits);    // the server's
 let pageSize = 100, timer = null, requestsTimer = null, view = "tasks";
 const opened = new Set();  // the requests shown expanded, kept so across refreshes
 let seen = [];             // the requests fetched so far, newest first
@@ -4976,7 +4991,7 @@ function render(page) {
   }
   $("rows").replaceWith(body);
   $("empty").hidden = page.tasks.length > 0;
-  $("more").hidden = !page.nextCursor || pageSize >= 500;
+  $("more").hidden = !page.nextCursor || pageSize >= limits.page;
   const list = $("owners");
   for (const owner of owners) {
     if (![...list.options].some((option) => option.value === owner)) {
@@ -5078,8 +5093,8 @@ function requestItem(entry) {
   }
   const exchange = document.createElement("div");
   exchange.className = "exchange";
-  exchange.append(side("Request", entry.request, "the first 64 KiB"),
-                  side("Answer", entry.response, "the first 4 KiB"));
+  exchange.append(side("Request", entry.request, "the first " + limits.body / 1024 + " KiB"),
+                  side("Answer", entry.response, "the first " + limits.answer / 1024 + " KiB"));
   details.append(summary, exchange);
   item.appendChild(details);
   return item;
@@ -5106,7 +5121,8 @@ async function refreshRequests() {
   clearTimeout(requestsTimer);
   if (loadingRequests) return;  // one look at a time: each would add the same ones
   loadingRequests = true;
-  const query = seen.length ? "?limit=500&after=" + seen[0].id : "?limit=200";
+  const query = seen.length ? "?limit=" + limits.page + "&after=" + seen[0].id
+                            : "?limit=" + limits.requests;
   try {
     const page = await call("GET", "/requests" + query);
     if (page.requests.length || !seen.length) {
@@ -5151,7 +5167,10 @@ $("filters").addEventListener("submit", (event) => { event.preventDefault(); ref
 $("state").addEventListener("change", refresh);
 $("owner").addEventListener("change", refresh);
 $("forget").addEventListener("click", () => showLogin("Key forgotten."));
-$("more").addEventListener("click", () => { pageSize = Math.min(pageSize + 100, 500); refresh(); });
+$("more").addEventListener("click", () => {
+  pageSize = Math.min(pageSize + 100, limits.page);
+  refresh();
+});
 if (sessionStorage.getItem(storageKey)) {
   show("tasks");
 } else {
@@ -5169,7 +5188,8 @@ _DASHBOARD_PAGE = """<!doctype html>
 <link rel="icon" href="data:,">
 <style>%(style)s</style>
 </head>
-<body data-base="%(base)s" data-key-header="%(header)s" data-columns="%(columns)s">
+<body data-base="%(base)s" data-key-header="%(header)s" data-columns="%(columns)s"
+      data-limits="%(limits)s">
 <header><h1>genesy-tasks</h1>
   <nav id="views" hidden><button type="button" id="show-tasks" aria-pressed="true">Tasks</button>
     <button type="button" id="show-requests" aria-pressed="false">Requests</button></nav>
@@ -5193,8 +5213,7 @@ _DASHBOARD_PAGE = """<!doctype html>
     <button type="button" id="forget">Forget key</button>
   </form>
   <table>
-    <thead><tr><th>Subject</th><th>Type</th><th>Owner</th><th>Contact</th>
-      <th>Company</th><th>Due</th><th>Created</th><th>Completed</th><th></th></tr></thead>
+    <thead><tr><th>Subject</th>%(headers)s<th></th></tr></thead>
     <tbody id="rows"></tbody>
   </table>
   <p id="empty" class="empty" hidden>No tasks here yet. Tasks Genesy creates appear within
@@ -5239,12 +5258,25 @@ _DASHBOARD_HEADERS = {
 }
 
 
+# The dashboard's headings of the task fields it shows (others show their name).
+_COLUMN_HEADERS = {"type": "Type", "ownerId": "Owner", "contactId": "Contact",
+                   "companyId": "Company", "dueDate": "Due", "createdAt": "Created",
+                   "completedAt": "Completed"}
+
+
 def _dashboard_page(header=DEFAULT_HEADER, base_path=""):
     """The dashboard's HTML for an app reached at ``base_path`` with this key header."""
+    columns = [field.name for field in sorted(_FIELDS, key=lambda field: field.shown)
+               if field.shown]
     return (_DASHBOARD_PAGE % {
         "style": _DASHBOARD_STYLE, "script": _DASHBOARD_SCRIPT,
         "base": html.escape(base_path), "header": html.escape(header),
-        "columns": html.escape(json.dumps([field.name for field in _FIELDS if field.shown])),
+        "columns": html.escape(json.dumps(columns)),
+        "headers": "".join("<th>%s</th>" % html.escape(_COLUMN_HEADERS.get(name, name))
+                           for name in columns),
+        "limits": html.escape(json.dumps({
+            "requests": DEFAULT_INSPECT, "page": DEFAULT_MAX_LIST_LIMIT,
+            "body": DEFAULT_INSPECT_BODY, "answer": DEFAULT_INSPECT_ANSWER})),
     }).encode("utf-8")
 
 

@@ -515,10 +515,9 @@ def _module_with_a_new_field(tmp_path):
     a row in _FIELDS, SCHEMA_VERSION + 1 and its migration."""
     with open(MODULE, encoding="utf-8") as file:
         source = file.read()
-    last = ('    _Field("updatedAt",   "updated_at",   None,       None,      "date-time",  '
-            'False),\n')
+    last = '    _Field("updatedAt",   "updated_at",   None,       None,      "date-time",  0),\n'
     edits = [
-        (last, last + '    _Field("priority", "priority", "text", "indexed", "string?", True),\n'),
+        (last, last + '    _Field("priority", "priority", "text", "indexed", "string?", 8),\n'),
         ("\nSCHEMA_VERSION = 4\n", "\nSCHEMA_VERSION = 5\n"),
         ("\n_MIGRATIONS = {\n", '\n_MIGRATIONS = {\n    5: _field_added("priority"),\n'),
     ]
@@ -563,7 +562,9 @@ def test_a_field_added_to_the_field_table_flows_everywhere(tmp_path, closing):
     assert {"required": ["priority"]} in schemas["TaskChanges"]["anyOf"]
     assert "priority" in [parameter["name"]
                           for parameter in document["paths"]["/tasks"]["get"]["parameters"]]
-    assert "&quot;priority&quot;" in api.get("/").text  # in the page's data-columns
+    page = api.get("/").text  # the dashboard's last column, with its heading
+    assert "&quot;completedAt&quot;, &quot;priority&quot;]" in page
+    assert "<th>Completed</th><th>priority</th><th></th>" in page
     # Its index, and the change feed's triggers watch its column: a CRM's own
     # UPDATE of it is a change.
     conn = closing(sqlite3.connect(db))
