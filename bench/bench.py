@@ -1,6 +1,6 @@
 """Benchmark genesy-tasks against its stack's ceiling, in one run.
 
-    python bench/bench.py            # the full run (about 5 minutes)
+    python bench/bench.py            # the full run (about 8 minutes)
     python bench/bench.py --quick    # a reduced set, under a minute
     python bench/bench.py --ab OLD/genesy_tasks.py   # this checkout against another, A/B
 
@@ -368,7 +368,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a reduced set (1,000 and 100,000 tasks, 8 and 64 connections, "
-                             "2 s each), under a minute")
+                             "1 s each), under a minute")
     parser.add_argument("--seconds", type=int, default=None,
                         help="seconds per wrk run (default 5, or 1 with --quick)")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"),
