@@ -462,10 +462,10 @@ END""" % {"columns": _CONTRACT_COLUMNS, "now": _CHANGE_AT_NOW},
     # A deletion also forgets those older than DEFAULT_DELETIONS_KEPT_DAYS, and
     # remembers up to where: a cursor from before then may have missed one.
     """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
-    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(max(seq), coalesce(
+    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(newest, coalesce(
             (SELECT CAST(value AS INTEGER) FROM genesy_meta WHERE key = 'changes_forgotten'), 0))
-        FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s
-        HAVING max(seq) IS NOT NULL;
+        FROM (SELECT max(seq) AS newest FROM genesy_changes
+              WHERE change = 'delete' AND at < %(cutoff)s) WHERE newest IS NOT NULL;
     DELETE FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s;
     DELETE FROM genesy_changes WHERE task_id = OLD.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
