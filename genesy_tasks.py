@@ -58,6 +58,10 @@ import bottle
 # Their costs are measured by bench/bench.py, not written here.
 
 SCHEMA_VERSION = 4
+# The oldest SQLite the module runs on, with its JSON functions (built in
+# since 3.38, an option before that which Debian, Ubuntu and python.org's
+# builds turn on); the suite passes on it.
+MIN_SQLITE = (3, 31, 1)
 
 # Storage
 DEFAULT_DB = "tasks.db"
@@ -152,7 +156,7 @@ __all__ = [
     "TaskServer",                                                 # server
     "run_contract_check", "run_replay",                           # check
     "main",                                                       # command line
-    "TASK_FIELDS", "SCHEMA_VERSION",
+    "TASK_FIELDS", "SCHEMA_VERSION", "MIN_SQLITE",
 ] + [name for name in list(globals()) if name.startswith("DEFAULT_")]
 
 
@@ -381,6 +385,23 @@ def _new_task_id(ms):
 
 class StorageError(Exception):
     """The database cannot be opened or used; the message says why."""
+
+
+def _check_sqlite():
+    """Refuse, in one line, an SQLite this module cannot run on."""
+    needed = "SQLite %s or newer is needed, with its JSON functions" % ".".join(
+        map(str, MIN_SQLITE))
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StorageError("%s; this Python's SQLite is %s" % (needed, sqlite3.sqlite_version))
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT json_object('a', json('[]')), "
+                     "(SELECT count(*) FROM json_each('[1]'))").fetchone()
+    except sqlite3.OperationalError as error:
+        raise StorageError("%s; this Python's SQLite %s was built without them (%s)"
+                           % (needed, sqlite3.sqlite_version, error)) from None
+    finally:
+        conn.close()
 
 
 # seq is AUTOINCREMENT so that a position is never given twice: a cursor
@@ -811,6 +832,7 @@ class TaskStore:
         # Set by a checkpointer that needs the write lock for a moment: commit
         # groups begin no transaction meanwhile (their writes wait as if locked).
         self._groups_paused = threading.Event()
+        _check_sqlite()
         self._create_file()
         try:
             # Look before anything writes (WAL mode included): a file this

@@ -610,6 +610,26 @@ def test_utc_instant_normalises_every_iso8601_spelling():
 
 # -- the store -----------------------------------------------------------------
 
+def test_an_sqlite_older_than_the_minimum_gets_one_line_at_start(tmp_path):
+    db = tmp_path / "tasks.db"
+    # The server's own start, in a process whose sqlite3 reports an old SQLite.
+    start = ("import runpy, sqlite3, sys; sqlite3.sqlite_version_info = (3, 20, 0); "
+             "sqlite3.sqlite_version = '3.20.0'; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", start, MODULE, "--port", "0", "--db", str(db)],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "GENESY_API_KEY": KEY})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "genesy-tasks: SQLite %s or newer is needed, with its JSON functions; "
+        "this Python's SQLite is 3.20.0" % ".".join(map(str, genesy_tasks.MIN_SQLITE))]
+    assert not db.exists()
+
+
+def test_the_sqlite_here_is_one_the_module_runs_on():
+    assert sqlite3.sqlite_version_info >= genesy_tasks.MIN_SQLITE
+
+
 def test_store_api_returns_plain_dicts_in_the_json_shape(db_path):
     with TaskStore(db_path) as store:
         task = store.create({"subject": "Call", "ownerId": "u1", "id": "ignored"})
