@@ -58,10 +58,10 @@ import bottle
 # Their costs are measured by bench/bench.py, not written here.
 
 SCHEMA_VERSION = 4
-# The oldest SQLite the module runs on, with its JSON functions (built in
-# since 3.38, an option before that which Debian, Ubuntu and python.org's
-# builds turn on); the suite passes on it.
-MIN_SQLITE = (3, 31, 1)
+# The oldest SQLite the module runs on (RHEL 8's), with its JSON functions
+# (built in since 3.38, an option before that which the distributions' and
+# python.org's builds turn on); the suite passes on it.
+MIN_SQLITE = (3, 26, 0)
 
 # Storage
 DEFAULT_DB = "tasks.db"
@@ -482,11 +482,13 @@ END""" % {"columns": _CONTRACT_COLUMNS},
 END""" % {"columns": _CONTRACT_COLUMNS, "now": _CHANGE_AT_NOW},
     # A deletion also forgets those older than DEFAULT_DELETIONS_KEPT_DAYS, and
     # remembers up to where: a cursor from before then may have missed one.
+    # GROUP BY change gives one row, or none when there is nothing to forget
+    # (HAVING alone would, but SQLite accepts it only since 3.39).
     """CREATE TRIGGER genesy_tasks_deleted AFTER DELETE ON genesy_tasks BEGIN
-    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(newest, coalesce(
+    INSERT OR REPLACE INTO genesy_meta SELECT 'changes_forgotten', max(max(seq), coalesce(
             (SELECT CAST(value AS INTEGER) FROM genesy_meta WHERE key = 'changes_forgotten'), 0))
-        FROM (SELECT max(seq) AS newest FROM genesy_changes
-              WHERE change = 'delete' AND at < %(cutoff)s) WHERE newest IS NOT NULL;
+        FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s
+        GROUP BY change;
     DELETE FROM genesy_changes WHERE change = 'delete' AND at < %(cutoff)s;
     DELETE FROM genesy_changes WHERE task_id = OLD.id;
     INSERT INTO genesy_changes (task_id, change, at) VALUES (OLD.id, 'delete', %(now)s);
@@ -533,6 +535,15 @@ def _never_reuse_positions(conn):
         conn.execute("PRAGMA legacy_alter_table = OFF")
     for sql in attached:
         conn.execute(sql)
+
+
+def _has_old_deletion_trigger(conn):
+    """Whether the file has the deletion trigger of releases 1.4.0 and 1.5.0,
+    whose HAVING without GROUP BY fails every deletion on SQLite before 3.39:
+    a file made by them and moved to an older SQLite gets the new one."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+                       "AND name = 'genesy_tasks_deleted'").fetchone()
+    return row is not None and "HAVING max(seq) IS NOT NULL" in row[0]
 
 
 def _field_added(name):
@@ -1162,6 +1173,12 @@ class TaskStore:
 
     def _migrate(self, conn):
         if self._schema_version(conn) == SCHEMA_VERSION:
+            if _has_old_deletion_trigger(conn):
+                with self._write():
+                    if _has_old_deletion_trigger(conn):  # read again inside the lock
+                        conn.execute("DROP TRIGGER genesy_tasks_deleted")
+                        conn.execute(next(trigger for trigger in _CHANGES_TRIGGERS
+                                          if "TRIGGER genesy_tasks_deleted " in trigger))
             return  # the usual case needs no write lock, so a busy CRM cannot stop a start
         conn.create_function("genesy_utc_instant", 1, _utc_instant_or_null, deterministic=True)
         with self._write():

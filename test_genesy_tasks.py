@@ -929,6 +929,30 @@ def test_a_database_from_a_newer_release_is_refused(db_path):
         TaskStore(db_path)
 
 
+def test_the_deletion_trigger_of_1_5_0_is_replaced_at_open(db_path):
+    # Releases 1.4.0 and 1.5.0 made it with HAVING and no GROUP BY, which
+    # SQLite before 3.39 refuses when it runs: every deletion would fail there.
+    with TaskStore(db_path) as store:
+        kept = store.create({"subject": "kept"})["id"]
+        gone = store.create({"subject": "gone"})["id"]
+    conn = sqlite3.connect(db_path)
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'genesy_tasks_deleted'"
+                          ).fetchone()
+    old = sql.replace("\n        GROUP BY change;", "\n        HAVING max(seq) IS NOT NULL;")
+    assert old != sql
+    with conn:
+        conn.execute("DROP TRIGGER genesy_tasks_deleted")
+        conn.execute(old)
+    conn.close()
+    with TaskStore(db_path) as store:
+        assert store.delete(gone) and store.get(kept) is not None
+        assert [change["change"] for change in store.changes()["changes"]] == ["create", "delete"]
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT sql FROM sqlite_master WHERE name = 'genesy_tasks_deleted'"
+                        ).fetchone() == (sql,)
+    conn.close()
+
+
 # -- the change feed -----------------------------------------------------------
 
 def _follow(store, after=None, limit=3):
