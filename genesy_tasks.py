@@ -80,6 +80,7 @@ DEFAULT_CHECKPOINT_PASSES = 6
 # Past this many times the checkpoint size, a WAL that cannot be checkpointed
 # (another connection's long read transaction pins it) is reported.
 DEFAULT_WAL_WARNING_FACTOR = 4
+DEFAULT_WAL_WARNING_AFTER = 1.0  # seconds the WAL must stay pinned before it is reported
 DEFAULT_IDEMPOTENCY_TTL = 24 * 60 * 60  # seconds an Idempotency-Key is remembered, at least
 # Days the change feed keeps a deletion, at least; written into the trigger
 # of a database when its change feed is made.
@@ -1720,6 +1721,7 @@ class _Checkpointer(threading.Thread):
         self._groups_paused = store._groups_paused
         self._stopping = threading.Event()
         self._warned = False   # about a pinned WAL
+        self._pinned_since = None  # when checkpoints began to find the WAL pinned
         self._failing = False  # checkpoints fail (a full disk, say)
 
     def stop(self):
@@ -1807,13 +1809,21 @@ class _Checkpointer(threading.Thread):
         if self._failing:
             self._failing = False
             self.log("- - WAL checkpoints work again")
+        # PASSIVE copies every page no reader still needs: some do. Only a pin
+        # that lasts is reported, not the server's own reads of a moment
+        # while the checkpointer is behind.
+        pinned = busy and copied < log and log >= DEFAULT_WAL_WARNING_FACTOR * self.pages
+        if not pinned:
+            self._pinned_since = None
+        elif self._pinned_since is None:
+            self._pinned_since = time.monotonic()
         if not busy:
             if self._warned:
                 self._warned = False
                 self.log("- - the WAL is checkpointed and started over again: "
                          "the read transaction that pinned it ended")
-        elif copied < log and log >= DEFAULT_WAL_WARNING_FACTOR * self.pages and not self._warned:
-            # PASSIVE copies every page no reader still needs: some do.
+        elif pinned and not self._warned \
+                and time.monotonic() - self._pinned_since >= DEFAULT_WAL_WARNING_AFTER:
             self._warned = True
             self.log("- - warning: the WAL of %s has grown to %d MB and cannot be "
                      "checkpointed: another connection holds a long read transaction (a "

@@ -4438,7 +4438,7 @@ def test_a_wal_pinned_by_a_long_reader_is_reported_and_given_back_when_it_ends(s
     # Once the reader ends, the WAL is checkpointed and truncated within moments.
     _wait_for(lambda: _wal_size(running.db) <= bound, timeout=5)
     _wait_for(lambda: "checkpointed and started over again" in running.log())
-    assert running.log().count("long read transaction") == 1
+    assert running.log().count("long read transaction") == 1, running.log()
     assert running.request("GET", "/health")[0] == 200
     assert running.stop() == 0
 
