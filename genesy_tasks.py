@@ -388,8 +388,10 @@ class StorageError(Exception):
     """The database cannot be opened or used; the message says why."""
 
 
+@functools.lru_cache(maxsize=None)
 def _check_sqlite():
-    """Refuse, in one line, an SQLite this module cannot run on."""
+    """Refuse, in one line, an SQLite this module cannot run on. Once a
+    process has passed, it is not asked again: its library cannot change."""
     needed = "SQLite %s or newer is needed, with its JSON functions" % ".".join(
         map(str, MIN_SQLITE))
     if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -538,6 +540,14 @@ def _never_reuse_positions(conn):
         conn.execute(sql)
 
 
+def _triggers_made_again(*names):
+    """The statements that drop these change-feed triggers and create them as
+    this release writes them."""
+    return (["DROP TRIGGER %s" % name for name in names]
+            + [trigger for trigger in _CHANGES_TRIGGERS
+               if re.match(r"CREATE TRIGGER (\w+)", trigger).group(1) in names])
+
+
 def _has_old_deletion_trigger(conn):
     """Whether the file has the deletion trigger of releases 1.4.0 and 1.5.0,
     whose HAVING without GROUP BY fails every deletion on SQLite before 3.39:
@@ -560,10 +570,7 @@ def _field_added(name):
                           % (_index_name(field), field.column))
     # (The earlier steps of an upgrade create these triggers naming columns
     # that do not exist yet, which SQLite allows: UPDATE OF is not checked.)
-    updates = ("genesy_tasks_updated", "genesy_tasks_renamed")
-    return (statements + ["DROP TRIGGER %s" % name for name in updates]
-            + [trigger for trigger in _CHANGES_TRIGGERS
-               if re.match(r"CREATE TRIGGER (\w+)", trigger).group(1) in updates])
+    return statements + _triggers_made_again("genesy_tasks_updated", "genesy_tasks_renamed")
 
 
 # Upgrades of an existing database, by the version they lead to: statements,
@@ -1177,9 +1184,8 @@ class TaskStore:
             if _has_old_deletion_trigger(conn):
                 with self._write():
                     if _has_old_deletion_trigger(conn):  # read again inside the lock
-                        conn.execute("DROP TRIGGER genesy_tasks_deleted")
-                        conn.execute(next(trigger for trigger in _CHANGES_TRIGGERS
-                                          if "TRIGGER genesy_tasks_deleted " in trigger))
+                        for statement in _triggers_made_again("genesy_tasks_deleted"):
+                            conn.execute(statement)
             return  # the usual case needs no write lock, so a busy CRM cannot stop a start
         conn.create_function("genesy_utc_instant", 1, _utc_instant_or_null, deterministic=True)
         with self._write():
